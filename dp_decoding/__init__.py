@@ -1,0 +1,1 @@
+"""The private generation core: slots, the step loop, mechanisms, engines."""

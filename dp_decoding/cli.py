@@ -1,0 +1,318 @@
+"""``dpicl plan`` and ``dpicl generate``: the generation core from the command line.
+
+Errors are one line on stderr and exit code 2, never a traceback; private text is never
+printed (data errors name line numbers only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from dp_decoding.plan import DEFAULTS, Plan, PlanError, make_plan
+from dp_decoding.records import DataError, Record, load_jsonl
+
+TASK_CHOICES = ("generic", "agnews", "dbpedia", "trec", "mit-g", "mit-d")
+
+
+class UsageError(Exception):
+    """A bad command line (exit code 2)."""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    return v
+
+
+def add_plan_arguments(p: argparse.ArgumentParser, *, need_data: bool) -> None:
+    d = DEFAULTS
+    p.add_argument(
+        "--data", required=need_data, help="private examples, JSONL (one object per line)"
+    )
+    p.add_argument("--text-field", default="text", help="JSON field holding the example text")
+    p.add_argument("--label-field", default="label", help="JSON field holding the label")
+    p.add_argument(
+        "--user-field", default="user", help="JSON field with a user id (user-level privacy)"
+    )
+    p.add_argument(
+        "--privacy-unit",
+        choices=("record", "user"),
+        default=d["privacy_unit"],
+        help="unit of privacy: one record, or one user (all of a user's records)",
+    )
+    p.add_argument(
+        "--task",
+        choices=TASK_CHOICES,
+        default="generic",
+        help="prompt format (the paper tasks, or a neutral generic one)",
+    )
+    p.add_argument(
+        "--labels",
+        help="declared label set A,B,... (default: the task's labels, "
+        "else read from the data and taken as public)",
+    )
+    p.add_argument(
+        "--epsilon", type=_positive_float, default=d["epsilon"], help="target ε ('inf' = no noise)"
+    )
+    p.add_argument(
+        "--delta", type=_positive_float, default=d["delta"], help="δ (declared, not 1/n)"
+    )
+    p.add_argument("--shots", type=int, default=d["shots"], help="demonstrations per label")
+    p.add_argument(
+        "--max-tokens", type=int, default=d["max_tokens"], help="T: tokens per demonstration"
+    )
+    p.add_argument(
+        "--regime",
+        choices=("fixed", "resampled"),
+        default=d["regime"],
+        help="fixed disjoint batches (KV reuse) or a Poisson subsample per token",
+    )
+    p.add_argument(
+        "--q",
+        type=_positive_float,
+        default=None,
+        help="Poisson sampling rate (resampled regime; declared, never counted)",
+    )
+    p.add_argument(
+        "--prompts",
+        "-M",
+        dest="prompts",
+        type=int,
+        default=d["prompts"],
+        help="M: private prompts per step",
+    )
+    p.add_argument(
+        "--examples-per-prompt",
+        "-N",
+        dest="examples_per_prompt",
+        type=int,
+        default=d["examples_per_prompt"],
+        help="N: private examples per prompt",
+    )
+    p.add_argument(
+        "--mechanism",
+        choices=("gaussian", "exponential"),
+        default=d["mechanism"],
+        help="Gaussian noisy argmax or the exponential mechanism",
+    )
+    p.add_argument(
+        "--candidates",
+        choices=("public-topk", "all"),
+        default=d["candidates"],
+        help="candidate tokens: top-k of the data-free public prompt, or the whole vocabulary",
+    )
+    p.add_argument("--top-k", type=int, default=d["top_k"], help="K for public-topk")
+    p.add_argument(
+        "--example-token-limit",
+        type=int,
+        default=d["example_token_limit"],
+        help="private examples are truncated to this many tokens",
+    )
+    p.add_argument("--engine", default="embedded", help="engine (default: embedded SmolLM2 on CPU)")
+
+
+def _labels_from_args(
+    args: argparse.Namespace, records: list[Record] | None
+) -> tuple[list[str], str]:
+    if args.labels:
+        labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+        if not labels:
+            raise UsageError("--labels is empty")
+        return labels, "declared"
+    if args.task != "generic":
+        from prompts import get_task
+
+        t = get_task(args.task)
+        if t.labels:
+            return list(t.labels), "declared"
+    if records is None:
+        raise UsageError("give --labels A,B,... (or --data to read the label set from it)")
+    return sorted({r.label for r in records}), "data"
+
+
+def _load(args: argparse.Namespace) -> list[Record] | None:
+    if not args.data:
+        return None
+    user_field = args.user_field if args.privacy_unit == "user" else None
+    records = load_jsonl(
+        args.data, text_field=args.text_field, label_field=args.label_field, user_field=user_field
+    )
+    if args.privacy_unit == "user" and any(not r.unit.startswith("user:") for r in records):
+        raise DataError(f"--privacy-unit user: every record needs a {args.user_field!r} field")
+    return records
+
+
+def _plan_from_args(args: argparse.Namespace, records: list[Record] | None) -> Plan:
+    labels, source = _labels_from_args(args, records)
+    return make_plan(
+        labels=labels,
+        labels_source=source,  # type: ignore[arg-type]
+        epsilon=args.epsilon,
+        delta=args.delta,
+        shots=args.shots,
+        max_tokens=args.max_tokens,
+        regime=args.regime,
+        mechanism=args.mechanism,
+        prompts=args.prompts,
+        examples_per_prompt=args.examples_per_prompt,
+        q=args.q,
+        candidates=args.candidates,
+        top_k=args.top_k,
+        example_token_limit=args.example_token_limit,
+        privacy_unit=args.privacy_unit,
+        task=args.task,
+        model="SmolLM2-135M-Instruct" if args.engine == "embedded" else args.engine,
+    )
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return "inf" if math.isinf(x) else f"{x:.6g}"
+    return str(x)
+
+
+def describe_plan(plan: Plan) -> str:
+    d = plan.to_dict()
+    keys = [
+        "task",
+        "labels",
+        "regime",
+        "mechanism",
+        "M",
+        "N",
+        "B",
+        "q",
+        "shots",
+        "max_tokens",
+        "candidates",
+        "top_k",
+        "example_token_limit",
+        "privacy_unit",
+        "steps",
+        "sensitivity",
+        "sigma",
+        "noise_multiplier",
+        "epsilon0",
+        "delta",
+        "epsilon_target",
+        "epsilon",
+        "epsilon_rdp",
+    ]
+    lines = [f"  {k:<20} {_fmt(d[k])}" for k in keys if d.get(k) is not None]
+    lines += [f"  note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    records = _load(args)
+    plan = _plan_from_args(args, records)
+    print("plan (declared parameters; nothing here is computed from private data):")
+    print(describe_plan(plan))
+    print(
+        f"guarantee: ({_fmt(plan.epsilon())}, {plan.delta:g})-DP per {plan.privacy_unit} "
+        "(add/remove), PLD via dp_accounting"
+    )
+    if records is not None:
+        counts = Counter(r.label for r in records if r.label in set(plan.labels))
+        print("curator-only hints from counts (not part of the plan, never released):")
+        for label in plan.labels:
+            n = counts.get(label, 0)
+            if plan.regime == "fixed":
+                print(
+                    f"  {label}: {n} records; the plan's slots hold at most {plan.records_per_label}"
+                )
+            else:
+                sugg = min(1.0, plan.M * plan.N / n) if n else float("nan")
+                print(f"  {label}: {n} records; q ≈ M·N/n = {sugg:.4g} would fill the prompts")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    records = _load(args)
+    assert records is not None
+    plan = _plan_from_args(args, records)
+    from dp_decoding.engines import load_engine
+    from dp_decoding.generate import DemoGenerator
+    from prompts import generic_task, get_task
+
+    task = generic_task(plan.labels) if args.task == "generic" else get_task(args.task)
+    print(
+        f"dpicl: plan ε={_fmt(plan.epsilon())} δ={plan.delta:g}, {plan.regime} regime, "
+        f"{plan.mechanism}, M={plan.M} N={plan.N}, T={plan.max_tokens}",
+        file=sys.stderr,
+    )
+    for n in plan.notes:
+        print(f"dpicl: note: {n}", file=sys.stderr)
+    print("dpicl: loading engine ...", file=sys.stderr)
+    engine = load_engine(args.engine)
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=len(plan.labels) * plan.shots,
+        unit="demo",
+        file=sys.stderr,
+        disable=args.quiet,
+        dynamic_ncols=True,
+    )
+
+    def on_progress(p: Any) -> None:
+        bar.n = p.demonstrations_done
+        rate = p.tokens / p.elapsed if p.elapsed > 0 else 0.0
+        bar.set_postfix_str(f"{p.tokens} tok, {rate:.1f} tok/s", refresh=False)
+        bar.refresh()
+
+    demos = DemoGenerator(engine, plan, task, progress=on_progress).run(records)
+    bar.close()
+    out = {
+        "demonstrations": [d.to_dict() for d in demos],
+        "plan": plan.to_dict(),
+        "epsilon": plan.to_dict()["epsilon"],
+        "delta": plan.delta,
+        "privacy_unit": plan.privacy_unit,
+    }
+    text = json.dumps(out, indent=2, ensure_ascii=False)
+    if args.out == "-":
+        print(text)
+    else:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        print(
+            f"dpicl: wrote {len(demos)} demonstrations to {args.out} "
+            f"(ε={_fmt(plan.epsilon())}, δ={plan.delta:g})",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "plan",
+        help="show what a generation job would cost (reads no private text)",
+        description="Build a plan from declared parameters and print its (ε, δ).",
+    )
+    add_plan_arguments(p, need_data=False)
+    p.set_defaults(func=cmd_plan)
+    g = sub.add_parser(
+        "generate",
+        help="generate DP few-shot demonstrations from a JSONL file",
+        description="Generate differentially private demonstrations.",
+    )
+    add_plan_arguments(g, need_data=True)
+    g.add_argument("--out", default="demos.json", help="output JSON file ('-' for stdout)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return int(args.func(args))
+    except (DataError, PlanError, UsageError) as exc:
+        print(f"dpicl: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,14 @@
+"""Engines behind the small protocol in :mod:`dp_decoding.engines.base`."""
+
+from dp_decoding.engines.base import Batch, Engine
+
+__all__ = ["Batch", "Engine", "load_engine"]
+
+
+def load_engine(name: str = "embedded", **kwargs: object) -> Engine:
+    """Construct an engine by name (``embedded`` is the default CPU engine)."""
+    if name in ("embedded", "transformers"):
+        from dp_decoding.engines.embedded import EmbeddedEngine
+
+        return EmbeddedEngine(**kwargs)  # type: ignore[arg-type]
+    raise ValueError(f"unknown engine {name!r}; available: embedded")

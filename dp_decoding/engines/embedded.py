@@ -1,0 +1,146 @@
+"""The embedded CPU engine: transformers + torch on SmolLM2-135M-Instruct (bf16).
+
+Rows are left-padded so every row's next token sits in the last column; the KV cache of the
+prefill is kept and each ``append`` runs a single batched decode step over it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from dp_decoding.engines.model_files import MODEL_NAME, ensure_model_dir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+class EmbeddedEngine:
+    """A transformers causal LM behind the engine protocol.
+
+    Thread-safety: one lock serialises forward passes, so several batches may be interleaved
+    by different threads (serving and a generation job) without corrupting each other.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        dtype: str = "bfloat16",
+        threads: int | None = None,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        path = Path(model_dir) if model_dir else ensure_model_dir()
+        self._torch = torch
+        self.dtype = getattr(torch, dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype)
+        self.model.eval()
+        self.name = MODEL_NAME
+        self.model_dir = path
+        self.vocab_size = int(self.model.config.vocab_size)
+        eos = {self.tokenizer.eos_token_id, 0}  # <|im_end|> and <|endoftext|>
+        self.eos_token_ids = frozenset(int(t) for t in eos if t is not None)
+        self.pad_token_id = int(self.tokenizer.pad_token_id or 0)
+        self.lock = threading.Lock()
+
+    # -- tokenizer -------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+    # -- batches ---------------------------------------------------------------------------
+    def start(self, prompts: Sequence[Sequence[int]]) -> EmbeddedBatch:
+        if not prompts:
+            raise ValueError("start() needs at least one prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        return EmbeddedBatch(self, prompts)
+
+
+class EmbeddedBatch:
+    """Rows of one engine call, advanced together; holds their KV cache."""
+
+    def __init__(self, engine: EmbeddedEngine, prompts: Sequence[Sequence[int]]) -> None:
+        torch = engine._torch
+        self._engine = engine
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), engine.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        self._mask = mask
+        self._positions = mask.sum(dim=1) - 1  # position of each row's last real token
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        self._cache = None
+        self._last_logits = self._forward(ids, mask, position_ids)
+
+    @property
+    def rows(self) -> int:
+        return int(self._mask.shape[0])
+
+    def _forward(self, ids, mask, position_ids):  # type: ignore[no-untyped-def]
+        torch = self._engine._torch
+        with self._engine.lock, torch.inference_mode():
+            out = self._engine.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=self._cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self._cache = out.past_key_values
+        return out.logits[:, -1, :]
+
+    def logprobs(self, candidates: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        if self._last_logits is None:
+            raise RuntimeError("batch is closed")
+        torch = self._engine._torch
+        lp = torch.log_softmax(self._last_logits.float(), dim=-1)
+        if candidates is not None:
+            lp = lp[:, torch.as_tensor(np.asarray(candidates, dtype=np.int64))]
+        return lp.numpy()
+
+    def append(self, tokens: Sequence[int]) -> None:
+        torch = self._engine._torch
+        if len(tokens) != self.rows:
+            raise ValueError(f"append() needs one token per row ({self.rows}), got {len(tokens)}")
+        ids = torch.tensor([[int(t)] for t in tokens], dtype=torch.long)
+        self._mask = torch.cat([self._mask, torch.ones((self.rows, 1), dtype=torch.long)], dim=1)
+        self._positions = self._positions + 1
+        self._last_logits = self._forward(ids, self._mask, self._positions.unsqueeze(1))
+
+    def kv_bytes(self) -> int:
+        """Bytes held by this batch's KV cache (for sizing M)."""
+        total = 0
+        cache = self._cache
+        layers = getattr(cache, "layers", None)
+        if layers is not None:
+            for layer in layers:
+                for name in ("keys", "values"):
+                    t = getattr(layer, name, None)
+                    if t is not None:
+                        total += t.numel() * t.element_size()
+        return total
+
+    def close(self) -> None:
+        self._cache = None
+        self._last_logits = None

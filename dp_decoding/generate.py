@@ -1,0 +1,304 @@
+"""The private generation loop: slots -> prompts -> one engine batch per step -> aggregate +
+noise -> one token, repeated until a stop token or ``T`` tokens.
+
+Guarantees kept here (each is tested):
+- a unit's records sit in exactly one prompt of a step (:mod:`dp_decoding.slots`);
+- the candidate set of a step comes from the public prompt's own engine call, or from the
+  declaration — never from the private prompts;
+- each (demonstration, position) gets exactly one noisy selection and nothing but the chosen
+  token leaves this module (no scores, no counts, no per-prompt outputs);
+- records with an undeclared label are dropped without saying how many.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dp_decoding.engines.base import Batch, Engine
+from dp_decoding.mechanisms import Mechanism, aggregate
+from dp_decoding.noise import new_job_key, os_entropy_rng
+from dp_decoding.plan import Plan
+from dp_decoding.records import Record
+from dp_decoding.slots import SlotAssigner
+from prompts import (
+    TaskFormat,
+    clean_demonstration,
+    generation_prompt,
+    public_generation_prompt,
+)
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    label: str
+    text: str
+    tokens: int
+
+    def to_dict(self) -> dict[str, str]:
+        return {"label": self.label, "text": self.text}
+
+
+@dataclass
+class Progress:
+    """Public progress figures only (no count of private records)."""
+
+    demonstrations_total: int
+    demonstrations_done: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass
+class _Group:
+    """One demonstration being generated: its M private prompts and its public prompt."""
+
+    label: str
+    index: int
+    prompts: list[list[int]]  # fixed regime: the M private prompts (token ids)
+    public: list[int]
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+class DemoGenerator:
+    """Generates ``plan.shots`` demonstrations per declared label from private records."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        plan: Plan,
+        task: TaskFormat,
+        *,
+        rng: np.random.Generator | None = None,
+        job_key: bytes | None = None,
+        max_rows: int = 256,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.engine = engine
+        self.plan = plan
+        self.task = task
+        self.rng = rng if rng is not None else os_entropy_rng()
+        self.job_key = job_key if job_key is not None else new_job_key()
+        self.max_rows = max(max_rows, plan.M)
+        self.progress_cb = progress
+        self.mechanism: Mechanism = plan.mechanism_obj()
+        nl = engine.tokenize("\n")
+        self._stop_ids = frozenset(engine.eos_token_ids) | frozenset(nl[-1:])
+        self._newline_tokens: dict[int, bool] = {}
+
+    # -- public entry ----------------------------------------------------------------------
+    def run(self, records: Sequence[Record]) -> list[Demonstration]:
+        plan = self.plan
+        pools: dict[str, list[Record]] = defaultdict(list)
+        declared = set(plan.labels)
+        for r in records:
+            if r.label in declared:
+                pools[r.label].append(r)
+        self._progress = Progress(demonstrations_total=len(plan.labels) * plan.shots)
+        self._token_cache: dict[str, str] = {}
+        groups = [
+            _Group(label, i, [], self.engine.tokenize(public_generation_prompt(self.task, label)))
+            for label in plan.labels
+            for i in range(plan.shots)
+        ]
+        if plan.regime == "fixed":
+            self._fill_fixed_prompts(groups, pools)
+        per_wave = max(1, self.max_rows // plan.M)
+        for start in range(0, len(groups), per_wave):
+            wave = groups[start : start + per_wave]
+            if plan.regime == "fixed":
+                self._run_fixed(wave)
+            else:
+                self._run_resampled(wave, pools)
+        return [
+            Demonstration(
+                g.label, clean_demonstration(self.engine.decode(g.generated)), len(g.generated)
+            )
+            for g in groups
+        ]
+
+    # -- prompts ---------------------------------------------------------------------------
+    def _example_text(self, text: str) -> str:
+        """Truncate a private example to the declared per-example token limit."""
+        cached = self._token_cache.get(text)
+        if cached is None:
+            ids = self.engine.tokenize(text)
+            limit = self.plan.example_token_limit
+            cached = text if len(ids) <= limit else self.engine.decode(ids[:limit])
+            self._token_cache[text] = cached
+        return cached
+
+    def _prompt_ids(self, label: str, members: Sequence[Record]) -> list[int]:
+        texts = [self._example_text(r.text) for r in members]
+        return self.engine.tokenize(generation_prompt(self.task, label, texts))
+
+    def _fill_fixed_prompts(self, groups: list[_Group], pools: dict[str, list[Record]]) -> None:
+        plan = self.plan
+        for label in plan.labels:
+            assigner = SlotAssigner(
+                self.job_key, plan.B * plan.M, plan.N, domain=b"fixed/" + label.encode()
+            )
+            slots = assigner.assign(pools.get(label, []))
+            for g in groups:
+                if g.label == label:
+                    base = g.index * plan.M
+                    g.prompts = [self._prompt_ids(label, slots[base + j]) for j in range(plan.M)]
+
+    # -- one step ---------------------------------------------------------------------------
+    def _candidates(self, public_lp: np.ndarray | None) -> np.ndarray | None:
+        """Candidate ids for one group (None = the full vocabulary)."""
+        plan = self.plan
+        if plan.candidates == "all":
+            return None
+        if plan.candidates == "list":
+            base = np.asarray(plan.candidate_token_ids, dtype=np.int64)
+        else:
+            assert public_lp is not None and plan.top_k is not None
+            k = min(plan.top_k, public_lp.shape[-1])
+            base = np.argpartition(-public_lp, k - 1)[:k]
+        stops = np.fromiter(self._stop_ids, dtype=np.int64)
+        return np.unique(np.concatenate([base, stops]))
+
+    def _select(self, private_lp: np.ndarray, cand: np.ndarray | None) -> int:
+        """Exactly one noisy selection for one (demonstration, position)."""
+        lp = private_lp if cand is None else private_lp[:, cand]
+        idx = self.mechanism.select(aggregate(lp), self.rng)
+        return int(idx if cand is None else cand[idx])
+
+    def _is_stop(self, token: int) -> bool:
+        if token in self._stop_ids:
+            return True
+        hit = self._newline_tokens.get(token)
+        if hit is None:
+            hit = "\n" in self.engine.decode([token])
+            self._newline_tokens[token] = hit
+        return hit
+
+    def _emit(self, g: _Group, token: int) -> None:
+        if self._is_stop(token):
+            g.done = True
+        else:
+            g.generated.append(token)
+            self._progress.tokens += 1
+            if len(g.generated) >= self.plan.max_tokens:
+                g.done = True
+        if g.done:
+            self._progress.demonstrations_done += 1
+
+    def _report(self) -> None:
+        if self.progress_cb is not None:
+            self.progress_cb(self._progress)
+
+    def _public_logprobs(self, public: Batch | None) -> np.ndarray | None:
+        return None if public is None else public.logprobs()
+
+    def _start_public(self, wave: list[_Group]) -> Batch | None:
+        if self.plan.candidates != "public-topk":
+            return None
+        return self.engine.start([g.public for g in wave])
+
+    # -- regimes ----------------------------------------------------------------------------
+    def _run_fixed(self, wave: list[_Group]) -> None:
+        """Prompts fixed for the whole demonstration: one prefill, then one decode per step."""
+        M = self.plan.M
+        public = self._start_public(wave)
+        private = self.engine.start([p for g in wave for p in g.prompts])
+        filler = next(iter(self.engine.eos_token_ids))
+        try:
+            while not all(g.done for g in wave):
+                pub_lp = self._public_logprobs(public)
+                lp = private.logprobs()
+                tokens: list[int] = []
+                for gi, g in enumerate(wave):
+                    if not g.done:
+                        cand = self._candidates(None if pub_lp is None else pub_lp[gi])
+                        tok = self._select(lp[gi * M : (gi + 1) * M], cand)
+                        self._emit(g, tok)
+                    else:
+                        tok = filler  # finished rows idle in lockstep; no noise is drawn
+                    tokens.append(tok)
+                self._report()
+                if all(g.done for g in wave):
+                    break
+                private.append([t for t in tokens for _ in range(M)])
+                if public is not None:
+                    public.append(tokens)
+        finally:
+            private.close()
+            if public is not None:
+                public.close()
+
+    def _poisson_sample(self, units: Sequence[str]) -> list[str]:
+        """Each unit independently with probability q (secret randomness, one draw per unit)."""
+        assert self.plan.q is not None
+        keep = self.rng.random(len(units)) < self.plan.q
+        return [u for u, k in zip(units, keep, strict=True) if k]
+
+    def _run_resampled(self, wave: list[_Group], pools: dict[str, list[Record]]) -> None:
+        """A fresh Poisson subsample of the label pool before every token (rate q)."""
+        plan = self.plan
+        assert plan.q is not None
+        M = plan.M
+        units = {label: sorted({r.unit for r in pools.get(label, [])}) for label in plan.labels}
+        by_unit: dict[str, list[Record]] = defaultdict(list)
+        for label in plan.labels:
+            for r in pools.get(label, []):
+                by_unit[r.unit].append(r)
+        public = self._start_public(wave)
+        filler = next(iter(self.engine.eos_token_ids))
+        try:
+            while not all(g.done for g in wave):
+                pub_lp = self._public_logprobs(public)
+                live = [g for g in wave if not g.done]
+                rows: list[list[int]] = []
+                for g in live:
+                    step = len(g.generated)
+                    sample = [r for u in self._poisson_sample(units[g.label]) for r in by_unit[u]]
+                    domain = f"resampled/{g.label}/{g.index}/{step}".encode()
+                    slots = SlotAssigner(self.job_key, M, plan.N, domain=domain).assign(sample)
+                    rows.extend(self._prompt_ids(g.label, s) + g.generated for s in slots)
+                batch = self.engine.start(rows)
+                try:
+                    lp = batch.logprobs()
+                finally:
+                    batch.close()
+                tokens: list[int] = []
+                li = 0
+                for gi, g in enumerate(wave):
+                    if not g.done:
+                        cand = self._candidates(None if pub_lp is None else pub_lp[gi])
+                        tok = self._select(lp[li * M : (li + 1) * M], cand)
+                        li += 1
+                        self._emit(g, tok)
+                    else:
+                        tok = filler
+                    tokens.append(tok)
+                self._report()
+                if public is not None and not all(g.done for g in wave):
+                    public.append(tokens)
+        finally:
+            if public is not None:
+                public.close()
+
+
+def generate_demonstrations(
+    engine: Engine,
+    plan: Plan,
+    task: TaskFormat,
+    records: Sequence[Record],
+    **kwargs: object,
+) -> list[Demonstration]:
+    """Library entry point: run a plan over records on an engine."""
+    return DemoGenerator(engine, plan, task, **kwargs).run(records)  # type: ignore[arg-type]

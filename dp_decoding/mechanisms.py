@@ -1,0 +1,86 @@
+"""Private selection of one token from the aggregated next-token distributions.
+
+Each mechanism consumes the summed score vector ``s = Σ_i p_i`` over the candidate set (one
+``p_i`` per private prompt, each a probability vector over the candidates), makes exactly one
+noisy draw, and returns only the index of the chosen candidate. Each declares its sensitivity
+and the privacy event of ``steps`` compositions (:class:`accountant.JobEvent`).
+
+Sensitivities (add/remove of one unit changes at most one prompt's ``p_i``):
+- Gaussian noisy argmax: ``‖p_i − p_i'‖₂ ≤ √2`` for probability vectors, so ``Δ₂ = √2`` and the
+  noise multiplier is ``σ / √2``.
+- Exponential mechanism: every coordinate of ``s`` moves by at most 1, so sampling
+  ``∝ exp(ε₀·s_v / 2)`` is ε₀-DP and ε₀-bounded-range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from accountant import JobEvent
+
+GAUSSIAN_SENSITIVITY = math.sqrt(2.0)
+EXPONENTIAL_SENSITIVITY = 1.0
+
+
+@dataclass(frozen=True)
+class GaussianNoisyArgmax:
+    """``argmax(s + N(0, σ²·I))``; σ is the noise std on the *summed* distributions."""
+
+    sigma: float
+    sensitivity: float = GAUSSIAN_SENSITIVITY
+    name: Literal["gaussian"] = "gaussian"
+
+    def select(self, scores: np.ndarray, rng: np.random.Generator) -> int:
+        s = np.asarray(scores, dtype=np.float64)
+        if self.sigma > 0:
+            s = s + rng.normal(0.0, self.sigma, size=s.shape)
+        return int(np.argmax(s))
+
+    def event(self, steps: int, q: float | None) -> JobEvent:
+        regime = "resampled" if q is not None else "fixed"
+        nm = self.sigma / self.sensitivity
+        return JobEvent("gaussian", regime, steps, noise_multiplier=nm, q=q)
+
+
+@dataclass(frozen=True)
+class ExponentialMechanism:
+    """Sample candidate ``v`` with probability ``∝ exp(ε₀·s_v / (2Δ))`` (Gumbel-max: one draw
+    of i.i.d. Gumbel noise per candidate, then argmax — exactly the exponential mechanism)."""
+
+    epsilon0: float
+    sensitivity: float = EXPONENTIAL_SENSITIVITY
+    name: Literal["exponential"] = "exponential"
+
+    def select(self, scores: np.ndarray, rng: np.random.Generator) -> int:
+        s = np.asarray(scores, dtype=np.float64)
+        if math.isinf(self.epsilon0):
+            return int(np.argmax(s))
+        logits = self.epsilon0 * s / (2.0 * self.sensitivity)
+        return int(np.argmax(logits + rng.gumbel(size=s.shape)))
+
+    def event(self, steps: int, q: float | None) -> JobEvent:
+        regime = "resampled" if q is not None else "fixed"
+        return JobEvent("exponential", regime, steps, epsilon0=self.epsilon0, q=q)
+
+
+Mechanism = GaussianNoisyArgmax | ExponentialMechanism
+
+
+def aggregate(logprobs: np.ndarray) -> np.ndarray:
+    """Sum of the rows' distributions renormalised over the given columns.
+
+    ``logprobs`` is ``[M, K]`` (log-probabilities of the K candidates under each prompt); each
+    row is renormalised to a probability vector over the K candidates *before* summing, which
+    is what bounds the sensitivity. Rows with no mass (all ``-inf``) become uniform.
+    """
+    lp = np.asarray(logprobs, dtype=np.float64)
+    m = lp.max(axis=1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    w = np.exp(lp - m)
+    z = w.sum(axis=1, keepdims=True)
+    p = np.where(z > 0, w / np.where(z > 0, z, 1.0), 1.0 / lp.shape[1])
+    return p.sum(axis=0)

@@ -1,0 +1,258 @@
+"""The plan of a generation job: declared parameters only, plus the noise calibrated to them.
+
+Everything the privacy guarantee depends on is fixed here *before* any private record is
+read (DESIGN.md §3 "Declared, not derived"): label set, regime, M, N, q or B, T, shots,
+candidate set, per-example token limit, δ, privacy unit. :func:`make_plan` never looks at
+data; the released plan therefore holds no counts.
+
+Composition (what ``steps`` counts, for one privacy unit's worst case):
+- fixed regime: a unit sits in one slot of one batch of its label, so it touches one
+  demonstration: ``T`` unsampled steps (batches and labels compose in parallel);
+- resampled regime: every demonstration of the unit's label may sample it: ``shots · T``
+  Poisson-subsampled steps (labels compose in parallel);
+- user-level privacy: a user may hold records of every label, so labels compose
+  sequentially: multiply by the number of labels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import accountant
+from accountant import JobEvent, calibrate
+from dp_decoding.mechanisms import (
+    EXPONENTIAL_SENSITIVITY,
+    GAUSSIAN_SENSITIVITY,
+    ExponentialMechanism,
+    GaussianNoisyArgmax,
+    Mechanism,
+)
+
+Regime = Literal["fixed", "resampled"]
+MechanismName = Literal["gaussian", "exponential"]
+Candidates = Literal["public-topk", "all", "list"]
+
+DEFAULTS: dict[str, Any] = {
+    "epsilon": 4.0,
+    "delta": 1e-6,
+    "shots": 1,
+    "max_tokens": 64,
+    "regime": "fixed",
+    "mechanism": "gaussian",
+    "prompts": 64,
+    "examples_per_prompt": 1,
+    "q": None,
+    "candidates": "public-topk",
+    "top_k": 50,
+    "example_token_limit": 96,
+    "privacy_unit": "record",
+}
+
+
+class PlanError(ValueError):
+    """Inconsistent or out-of-range plan parameters (one line, safe to show)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    labels: tuple[str, ...]
+    labels_source: Literal["declared", "data"]
+    regime: Regime
+    mechanism: MechanismName
+    M: int
+    N: int
+    B: int
+    q: float | None
+    shots: int
+    max_tokens: int
+    candidates: Candidates
+    top_k: int | None
+    candidate_token_ids: tuple[int, ...] | None
+    example_token_limit: int
+    epsilon_target: float
+    delta: float
+    privacy_unit: Literal["record", "user"]
+    steps: int
+    sigma: float | None
+    epsilon0: float | None
+    sensitivity: float
+    task: str = "generic"
+    model: str = ""
+    notes: tuple[str, ...] = field(default=())
+
+    # -- privacy ---------------------------------------------------------------------------
+    @property
+    def noise_multiplier(self) -> float | None:
+        return None if self.sigma is None else self.sigma / self.sensitivity
+
+    def event(self) -> JobEvent:
+        """The dominating event of the job (one unit's worst case)."""
+        return self.mechanism_obj().event(self.steps, self.q)
+
+    def mechanism_obj(self) -> Mechanism:
+        if self.mechanism == "gaussian":
+            assert self.sigma is not None
+            return GaussianNoisyArgmax(self.sigma)
+        assert self.epsilon0 is not None
+        return ExponentialMechanism(self.epsilon0)
+
+    def epsilon(self) -> float:
+        """The reported (achieved) ε at ``delta``: PLD via dp_accounting (see accountant)."""
+        if self.is_nonprivate:
+            return math.inf
+        return accountant.epsilon(self.event(), self.delta)
+
+    def epsilon_rdp(self) -> float:
+        if self.is_nonprivate:
+            return math.inf
+        return accountant.epsilon_rdp(self.event(), self.delta)
+
+    @property
+    def is_nonprivate(self) -> bool:
+        return (self.sigma == 0.0) or (self.epsilon0 is not None and math.isinf(self.epsilon0))
+
+    @property
+    def records_per_label(self) -> int:
+        """The most records of one label a demonstration batch can hold (fixed: B·M·N)."""
+        return self.B * self.M * self.N
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["labels"] = list(self.labels)
+        d["notes"] = list(self.notes)
+        d["candidate_token_ids"] = (
+            None if self.candidate_token_ids is None else list(self.candidate_token_ids)
+        )
+        d["noise_multiplier"] = self.noise_multiplier
+        d["event"] = None if self.is_nonprivate else self.event().to_dict()
+        d["epsilon"] = _json_float(self.epsilon())
+        d["epsilon_rdp"] = _json_float(self.epsilon_rdp())
+        d["epsilon_target"] = _json_float(self.epsilon_target)
+        d["epsilon0"] = _json_float(self.epsilon0)
+        d["accounting"] = (
+            "dp_accounting PLD (add/remove); RDP computed too"
+            if self.mechanism == "gaussian"
+            else "exponential mechanism: "
+            + (
+                "bounded range (ε0²/8 zCDP) vs pure-DP PLD, the smaller"
+                if self.regime == "fixed"
+                else "pure DP amplified by Poisson sampling, then PLD"
+            )
+        )
+        return d
+
+
+def _json_float(x: float | None) -> float | str | None:
+    if x is None:
+        return None
+    return "inf" if math.isinf(x) else x
+
+
+def make_plan(
+    *,
+    labels: list[str] | tuple[str, ...],
+    labels_source: Literal["declared", "data"] = "declared",
+    epsilon: float = DEFAULTS["epsilon"],
+    delta: float = DEFAULTS["delta"],
+    shots: int = DEFAULTS["shots"],
+    max_tokens: int = DEFAULTS["max_tokens"],
+    regime: str = DEFAULTS["regime"],
+    mechanism: str = DEFAULTS["mechanism"],
+    prompts: int = DEFAULTS["prompts"],
+    examples_per_prompt: int = DEFAULTS["examples_per_prompt"],
+    q: float | None = DEFAULTS["q"],
+    candidates: str = DEFAULTS["candidates"],
+    top_k: int | None = DEFAULTS["top_k"],
+    candidate_token_ids: list[int] | tuple[int, ...] | None = None,
+    example_token_limit: int = DEFAULTS["example_token_limit"],
+    privacy_unit: str = DEFAULTS["privacy_unit"],
+    task: str = "generic",
+    model: str = "",
+) -> Plan:
+    """Validate declared parameters and calibrate the noise to ``epsilon`` at ``delta``."""
+    labels = tuple(dict.fromkeys(str(x) for x in labels))
+    if not labels:
+        raise PlanError("the label set is empty")
+    _check(math.isnan(epsilon) is False and epsilon > 0, "epsilon must be > 0 (or inf)")
+    _check(0 < delta < 1, "delta must be in (0, 1)")
+    _check(regime in ("fixed", "resampled"), "regime must be 'fixed' or 'resampled'")
+    _check(mechanism in ("gaussian", "exponential"), "mechanism must be gaussian or exponential")
+    _check(candidates in ("public-topk", "all", "list"), "candidates: public-topk, all or list")
+    _check(privacy_unit in ("record", "user"), "privacy unit must be 'record' or 'user'")
+    for name, v in (
+        ("shots", shots),
+        ("max-tokens", max_tokens),
+        ("prompts", prompts),
+        ("examples-per-prompt", examples_per_prompt),
+        ("example-token-limit", example_token_limit),
+    ):
+        _check(isinstance(v, int) and v >= 1, f"{name} must be a positive integer")
+    _check(max_tokens <= 4096, "max-tokens must be at most 4096")
+    _check(prompts <= 4096, "prompts must be at most 4096")
+    if regime == "resampled":
+        _check(q is not None, "the resampled regime needs a declared --q (Poisson rate)")
+        _check(0 < q <= 1, "q must be in (0, 1]")  # type: ignore[operator]
+    else:
+        _check(q is None, "q applies to the resampled regime only (the fixed regime has none)")
+    if candidates == "public-topk":
+        _check(top_k is not None and top_k >= 1, "top-k must be a positive integer")
+    else:
+        top_k = None
+    if candidates == "list":
+        _check(bool(candidate_token_ids), "candidates=list needs candidate token ids")
+        candidate_token_ids = tuple(int(t) for t in dict.fromkeys(candidate_token_ids or ()))
+    else:
+        candidate_token_ids = None
+
+    steps_per_demo = max_tokens
+    steps = steps_per_demo if regime == "fixed" else shots * steps_per_demo
+    notes: list[str] = []
+    if privacy_unit == "user":
+        steps *= len(labels)
+        notes.append("user-level privacy: labels compose sequentially")
+    if labels_source == "data":
+        notes.append("label set read from the data and taken as public")
+    B = shots if regime == "fixed" else 1
+
+    sigma: float | None = None
+    eps0: float | None = None
+    if mechanism == "gaussian":
+        sensitivity = GAUSSIAN_SENSITIVITY
+        nm = calibrate("gaussian", regime, steps, epsilon, delta, q=q)
+        sigma = nm * sensitivity
+    else:
+        sensitivity = EXPONENTIAL_SENSITIVITY
+        eps0 = calibrate("exponential", regime, steps, epsilon, delta, q=q)
+    return Plan(
+        labels=labels,
+        labels_source=labels_source,  # type: ignore[arg-type]
+        regime=regime,  # type: ignore[arg-type]
+        mechanism=mechanism,  # type: ignore[arg-type]
+        M=prompts,
+        N=examples_per_prompt,
+        B=B,
+        q=q,
+        shots=shots,
+        max_tokens=max_tokens,
+        candidates=candidates,  # type: ignore[arg-type]
+        top_k=top_k,
+        candidate_token_ids=candidate_token_ids,  # type: ignore[arg-type]
+        example_token_limit=example_token_limit,
+        epsilon_target=epsilon,
+        delta=delta,
+        privacy_unit=privacy_unit,  # type: ignore[arg-type]
+        steps=steps,
+        sigma=sigma,
+        epsilon0=eps0,
+        sensitivity=sensitivity,
+        task=task,
+        model=model,
+        notes=tuple(notes),
+    )
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise PlanError(message)

@@ -1,0 +1,64 @@
+"""A deterministic in-memory engine for tests of the generation loop (no model needed)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+VOCAB = 64
+NEWLINE = 10
+EOS = 0
+
+
+def _row_logprobs(seq: Sequence[int]) -> np.ndarray:
+    h = hashlib.sha256(np.asarray(seq, dtype=np.int64).tobytes()).digest()
+    g = np.random.default_rng(int.from_bytes(h[:8], "big"))
+    logits = g.normal(0.0, 2.0, size=VOCAB)
+    return logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+
+
+class FakeBatch:
+    def __init__(self, engine: FakeEngine, prompts: Sequence[Sequence[int]]) -> None:
+        self.engine = engine
+        self.seqs = [list(p) for p in prompts]
+
+    @property
+    def rows(self) -> int:
+        return len(self.seqs)
+
+    def logprobs(self, candidates=None) -> np.ndarray:  # type: ignore[no-untyped-def]
+        self.engine.logprob_calls += 1
+        lp = np.stack([_row_logprobs(s) for s in self.seqs])
+        return lp if candidates is None else lp[:, np.asarray(candidates)]
+
+    def append(self, tokens: Sequence[int]) -> None:
+        assert len(tokens) == self.rows
+        for s, t in zip(self.seqs, tokens, strict=True):
+            s.append(int(t))
+
+    def close(self) -> None:
+        pass
+
+
+class FakeEngine:
+    """Tokenizes by characters (mod the vocabulary); records every batch it starts."""
+
+    name = "fake"
+    vocab_size = VOCAB
+    eos_token_ids = frozenset({EOS})
+
+    def __init__(self) -> None:
+        self.started: list[list[list[int]]] = []
+        self.logprob_calls = 0
+
+    def tokenize(self, text: str) -> list[int]:
+        return [NEWLINE if c == "\n" else 1 + (ord(c) % (VOCAB - 1)) for c in text]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return "".join("\n" if t == NEWLINE else chr(ord("a") + t % 26) for t in token_ids)
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> FakeBatch:
+        self.started.append([list(p) for p in prompts])
+        return FakeBatch(self, prompts)
