@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.dpicl-installed
 DATA   ?= ../shared/data/agnews/train.jsonl
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint serve demo bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,13 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# The server on the embedded engine and a SQLite ledger (dpicl.db); HOST/PORT/DB overridable.
+HOST ?= 127.0.0.1
+PORT ?= 8000
+DB   ?= sqlite:///dpicl.db
+serve: install
+	$(VENV)/bin/dpicl serve --host $(HOST) --port $(PORT) --db $(DB)
 
 # 60-second quickstart: one DP demonstration per AGNews label from 2,000 private records.
 demo: install

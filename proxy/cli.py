@@ -23,7 +23,129 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("model", help="prepare the embedded model (convert the shipped GGUF once)")
     m.add_argument("action", choices=("prepare", "path"))
     m.set_defaults(func=_cmd_model)
+
+    s = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible server",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models and the "
+        "/v1/private extensions (datasets, DP demonstration jobs, budget) on one engine.",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    _db_arg(s)
+    s.add_argument("--engine", default="embedded", help="engine (default: embedded SmolLM2, CPU)")
+    s.add_argument(
+        "--metrics-key",
+        default=os.environ.get("DPICL_METRICS_KEY"),
+        help="bearer key that unlocks /metrics (default $DPICL_METRICS_KEY; "
+        "without one /metrics is off)",
+    )
+    s.add_argument(
+        "--fail-stale-jobs-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="at start-up, mark queued/running jobs failed (they stay charged and are never "
+        "re-run); with PostgreSQL only those idle this long (default 3600)",
+    )
+    s.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
+    s.set_defaults(func=_cmd_serve)
+
+    t = sub.add_parser("tenant", help="manage tenants (prints the admin key once)")
+    tsub = t.add_subparsers(dest="tenant_command", metavar="ACTION", required=True)
+    tc = tsub.add_parser("create", help="create a tenant with a privacy budget (ε, δ)")
+    tc.add_argument("name")
+    tc.add_argument("--epsilon", type=float, required=True, help="the tenant's total ε")
+    tc.add_argument("--delta", type=float, default=1e-6, help="the tenant's δ (default 1e-6)")
+    _db_arg(tc)
+    tc.set_defaults(func=_cmd_tenant_create)
+
+    lg = sub.add_parser("ledger", help="audit the privacy-budget ledger")
+    lsub = lg.add_subparsers(dest="ledger_command", metavar="ACTION", required=True)
+    lv = lsub.add_parser("verify", help="recompute every tenant's spend and check the hash chain")
+    _db_arg(lv)
+    lv.set_defaults(func=_cmd_ledger_verify)
     return parser
+
+
+DEFAULT_DB = os.environ.get("DPICL_DB", "sqlite:///dpicl.db")
+
+
+def _db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--db",
+        default=DEFAULT_DB,
+        help="database URL: sqlite:///path.db (default %(default)s, or $DPICL_DB) "
+        "or postgresql://user@host:port/db for several replicas",
+    )
+
+
+def _open_store(url: str):  # type: ignore[no-untyped-def]
+    from proxy.store import StorageError, Store
+
+    try:
+        return Store.open(url)
+    except StorageError as exc:
+        raise SystemExit(f"dpicl: error: cannot open the database ({exc})") from None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from dp_decoding.engines import load_engine
+    from proxy.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    store = _open_store(args.db)
+    stale = args.fail_stale_jobs_after
+    if stale is None and args.db.startswith(("postgresql://", "postgres://")):
+        stale = 3600.0  # replicas share the ledger: fail only jobs nobody has touched for 1 h
+    failed = store.fail_interrupted_jobs(stale_after=stale)
+    if failed:
+        print(
+            f"dpicl: marked {failed} interrupted job(s) failed (they stay charged)", file=sys.stderr
+        )
+    engine = load_engine(args.engine)
+    app = create_app(store, engine, metrics_key=args.metrics_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _cmd_tenant_create(args: argparse.Namespace) -> int:
+    import math
+
+    if not (args.epsilon > 0 and math.isfinite(args.epsilon)):
+        print("dpicl: error: --epsilon must be a positive finite number", file=sys.stderr)
+        return 2
+    if not 0 < args.delta < 1:
+        print("dpicl: error: --delta must be in (0, 1)", file=sys.stderr)
+        return 2
+    store = _open_store(args.db)
+    try:
+        tenant, key = store.create_tenant(args.name, args.epsilon, args.delta)
+    except ValueError as exc:
+        print(f"dpicl: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"tenant {tenant.name} ({tenant.id}): ε={tenant.epsilon:g}, δ={tenant.delta:g}, "
+        f"Rényi filter order α={tenant.order:g}"
+    )
+    print("admin API key (shown once; store it now):")
+    print(key)
+    return 0
+
+
+def _cmd_ledger_verify(args: argparse.Namespace) -> int:
+    import json
+
+    store = _open_store(args.db)
+    report = store.verify_ledger()
+    print(json.dumps(report, indent=2))
+    return 0 if report.get("ok") else 1
 
 
 def _cmd_model(args: argparse.Namespace) -> int:

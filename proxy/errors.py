@@ -1,0 +1,131 @@
+"""OpenAI-shaped errors: every failure leaves as ``{"error": {"message", "type", "param",
+"code"}}`` with the right status — 400 for bad bodies (not FastAPI's 422), never a bare 500.
+
+Messages are written by us and never quote request bodies, so private text submitted in a
+request cannot be echoed back through an error.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("dpicl.proxy")
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def not_found(what: str, ident: str | None = None, param: str | None = None) -> APIError:
+    msg = f"No such {what}" + (f": {ident!r}" if ident else "")
+    return APIError(404, msg, "invalid_request_error", param, "not_found")
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
+
+
+def storage_unavailable() -> APIError:
+    return APIError(
+        503,
+        "The budget ledger is unavailable; nothing was charged or generated. Retry later.",
+        "service_unavailable",
+        None,
+        "storage_unavailable",
+    )
+
+
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "Invalid request body.", None
+    first = errs[0]
+    loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "missing":
+        return f"Missing required parameter: '{param}'.", param
+    if kind == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    if kind in ("json_invalid", "model_attributes_type", "dict_type") and not param:
+        return "The request body must be a JSON object.", None
+    # pydantic's own message describes the constraint, not the submitted value
+    return f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return APIError(400, message, "invalid_request_error", param, None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        message = exc.detail if isinstance(exc.detail, str) else "Request failed."
+        if status == 404 and message == "Not Found":
+            message = f"Unknown URL: {request.method} {request.url.path}"
+        if status == 405:
+            message = f"Method {request.method} not allowed on {request.url.path}"
+        err = APIError(status, message, _STATUS_TYPES.get(status, "api_error"))
+        return err.response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # the exception's text is not logged: it might quote private data
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        return APIError(500, "Internal server error.", "api_error", None, None).response()

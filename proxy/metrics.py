@@ -1,0 +1,41 @@
+"""Prometheus metrics: public quantities only.
+
+Counted: requests (route template, method, status), latency, tokens of *served* completions,
+admitted / refused jobs and ε spent per tenant. Nothing that depends on which private
+records were sampled (no per-prompt, per-record or generation-job token counts).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "dpicl_requests_total", "HTTP requests", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "dpicl_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.served_tokens = Counter(
+            "dpicl_served_tokens_total", "Tokens of served completions", ["kind"], registry=r
+        )
+        self.jobs = Counter(
+            "dpicl_demonstration_jobs_total",
+            "Demonstration jobs by admission outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.epsilon_spent = Gauge(
+            "dpicl_budget_epsilon_spent",
+            "ε spent per tenant (RDP sum at the tenant's δ)",
+            ["tenant"],
+            registry=r,
+        )

@@ -1,0 +1,133 @@
+"""Ordinary (non-private) text generation for chat and completions on an engine.
+
+Serving only ever sees released demonstrations (post-processing), never private records, and
+never touches a generation job's batches or cache salt.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dp_decoding.engines.base import Engine
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one choice, with the text it adds (possibly empty while a
+    multi-byte character or a possible stop sequence is held back)."""
+
+    index: int
+    token: int
+    delta: str
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    top_logprobs: int = 0
+
+
+def _sample(lp: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    if params.temperature == 0.0:
+        return int(np.argmax(lp))
+    logits = lp.astype(np.float64) / params.temperature
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-p)
+        keep = np.cumsum(p[order]) - p[order] < params.top_p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return int(rng.choice(p.shape[0], p=p))
+
+
+class _Choice:
+    """Incremental detokenisation and stop-sequence handling for one row."""
+
+    def __init__(self, engine: Engine, stops: Sequence[str]) -> None:
+        self.engine = engine
+        self.stops = list(stops)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the (stop-truncated) text already released
+        self.done = False
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; return (newly releasable text, stopped)."""
+        self.ids.append(token)
+        text = self.engine.decode(self.ids)
+        for s in self.stops:
+            at = text.find(s)
+            if at >= 0:
+                out = text[self.emitted : max(at, self.emitted)]
+                self.emitted = max(at, self.emitted)
+                return out, True
+        if text.endswith("\ufffd"):
+            return "", False  # incomplete multi-byte character
+        safe = len(text) - self.hold
+        if safe <= self.emitted:
+            return "", False
+        out = text[self.emitted : safe]
+        self.emitted = safe
+        return out, False
+
+    def flush(self) -> str:
+        text = self.engine.decode(self.ids)
+        out = text[self.emitted :]
+        self.emitted = len(text)
+        return out
+
+
+def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
+    """Sample ``params.n`` continuations of one prompt in one batch, token by token."""
+    rng = np.random.default_rng(params.seed if params.seed is not None else secrets.randbits(64))
+    batch = engine.start([prompt_ids] * params.n)
+    choices = [_Choice(engine, params.stop) for _ in range(params.n)]
+    filler = next(iter(engine.eos_token_ids))
+    try:
+        for step in range(params.max_tokens):
+            lp = batch.logprobs()
+            tokens: list[int] = []
+            for i, c in enumerate(choices):
+                if c.done:
+                    tokens.append(filler)
+                    continue
+                tok = _sample(lp[i], params, rng)
+                top: list[tuple[int, float]] = []
+                if params.top_logprobs:
+                    idx = np.argpartition(-lp[i], params.top_logprobs - 1)[: params.top_logprobs]
+                    idx = idx[np.argsort(-lp[i][idx])]
+                    top = [(int(t), float(lp[i][t])) for t in idx]
+                if tok in engine.eos_token_ids:
+                    c.done = True
+                    yield TokenEvent(i, tok, c.flush(), float(lp[i][tok]), top, "stop")
+                    tokens.append(filler)
+                    continue
+                delta, stopped = c.push(tok)
+                finish = None
+                if stopped:
+                    c.done, finish = True, "stop"
+                elif step == params.max_tokens - 1:
+                    delta += c.flush()
+                    c.done, finish = True, "length"
+                yield TokenEvent(i, tok, delta, float(lp[i][tok]), top, finish)
+                tokens.append(tok)
+            if all(c.done for c in choices):
+                return
+            batch.append(tokens)
+    finally:
+        batch.close()
