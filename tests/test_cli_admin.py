@@ -16,18 +16,27 @@ def test_tenant_create_and_ledger_verify(tmp_path: Path) -> None:
     r = dpicl("tenant", "create", "acme", "--epsilon", "8", "--delta", "1e-6", "--db", db)
     key = r.stdout.strip().splitlines()[-1]
     assert key.startswith("dpicl-") and " " not in key
-    assert dpicl("tenant", "create", "acme", "--epsilon", "8", "--db", db,
-                 check=False).returncode == 2
-    assert dpicl("tenant", "create", "x", "--epsilon", "-1", "--db", db,
-                 check=False).returncode == 2
+    assert (
+        dpicl("tenant", "create", "acme", "--epsilon", "8", "--db", db, check=False).returncode == 2
+    )
+    assert (
+        dpicl("tenant", "create", "x", "--epsilon", "-1", "--db", db, check=False).returncode == 2
+    )
 
     store = Store.open(db)
     api_key = store.authenticate(key)
     assert api_key is not None and api_key.scope == "admin"
     ds = store.create_dataset(api_key.tenant_id, "d", [{"text": "t", "label": "a"}])
     plan = make_plan(labels=["a"], epsilon=1.0, max_tokens=4)
-    store.admit_job(api_key.tenant_id, name="j", dataset_id=ds.id, plan=plan.to_dict(),
-                    event=plan.event(), epsilon=plan.epsilon(), delta=plan.delta)
+    store.admit_job(
+        api_key.tenant_id,
+        name="j",
+        dataset_id=ds.id,
+        plan=plan.to_dict(),
+        event=plan.event(),
+        epsilon=plan.epsilon(),
+        delta=plan.delta,
+    )
     store.close()
     ok = dpicl("ledger", "verify", "--db", db, check=False)
     assert ok.returncode == 0 and '"ok": true' in ok.stdout
