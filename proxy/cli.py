@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def build_parser() -> argparse.ArgumentParser:
     from dp_decoding import cli as core_cli
+    from dp_decoding.evaluation import cli as eval_cli
 
     parser = argparse.ArgumentParser(
         prog="dpicl",
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     core_cli.register(sub)
+    eval_cli.register(sub)
     m = sub.add_parser("model", help="prepare the embedded model (convert the shipped GGUF once)")
     m.add_argument("action", choices=("prepare", "path"))
     m.set_defaults(func=_cmd_model)
@@ -39,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("DPICL_METRICS_KEY"),
         help="bearer key that unlocks /metrics (default $DPICL_METRICS_KEY; "
         "without one /metrics is off)",
+    )
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the embedded engine (default: all cores)",
     )
     s.add_argument(
         "--fail-stale-jobs-after",
@@ -109,7 +117,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(
             f"dpicl: marked {failed} interrupted job(s) failed (they stay charged)", file=sys.stderr
         )
-    engine = load_engine(args.engine)
+    engine_kwargs = {"threads": args.threads} if args.threads and args.engine == "embedded" else {}
+    engine = load_engine(args.engine, **engine_kwargs)
     app = create_app(store, engine, metrics_key=args.metrics_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

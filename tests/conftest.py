@@ -24,3 +24,9 @@ def engine():  # type: ignore[no-untyped-def]
     from dp_decoding.engines.embedded import EmbeddedEngine
 
     return EmbeddedEngine()
+
+
+def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+    """Run the vLLM tests last: in-process vLLM pins this process's torch threads (and
+    replaces ``torch.set_num_threads``), which would slow every later embedded-engine test."""
+    items.sort(key=lambda item: item.get_closest_marker("vllm") is not None)

