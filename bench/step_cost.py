@@ -274,7 +274,8 @@ def run_plain(engine: EmbeddedEngine, prompts: Sequence[Sequence[int]], T: int) 
 @dataclass
 class NaiveRun:
     times: dict[int, float] = field(default_factory=dict)  # step index (prefix length) -> s
-    foreign: float = math.nan
+    foreign: float = math.nan  # the largest foreign share among the kept attempts
+    repeats: int = 0
 
 
 def run_naive(
@@ -285,33 +286,48 @@ def run_naive(
     plan: Plan,
     max_steps: int,
     budget_s: float,
+    retries: int,
+    idle_wait: float,
 ) -> NaiveRun:
     """The no-KV-cache pattern: every step re-prefills all prompts + the tokens so far, then
     aggregates and draws the noisy argmax over the full vocabulary. Steps are measured in an
     evenly spread order (prefix lengths 0, 32, 16, 48, ...) until ``max_steps`` or the budget;
-    the token prefix is the one the DP run generated."""
+    the token prefix is the one the DP run generated. A step disturbed by other processes is
+    repeated (up to ``retries`` times, the least disturbed attempt kept)."""
     from dp_decoding.mechanisms import aggregate
 
     mech = plan.mechanism_obj()
     rng = np.random.default_rng()
     out = NaiveRun()
     t_start = time.perf_counter()
-    with CpuWatch() as watch:
-        for n, k in enumerate(spread_order(T)[:max_steps]):
-            if n >= 2 and time.perf_counter() - t_start > budget_s:
-                log(f"naive: time budget {budget_s:.0f}s reached after {n} steps")
+    for n, k in enumerate(spread_order(T)[:max_steps]):
+        if n >= 2 and time.perf_counter() - t_start > budget_s:
+            log(f"naive: time budget {budget_s:.0f}s reached after {n} steps")
+            break
+        rows = [list(p) + list(prefix[:k]) for p in prompts]
+        best: tuple[float, float] | None = None  # (foreign, seconds)
+        for attempt in range(retries + 1):
+            if attempt:
+                out.repeats += 1
+                wait_idle(idle_wait)
+            with CpuWatch() as watch:
+                t = time.perf_counter()
+                batch = engine.start(rows)
+                try:
+                    lp = batch.logprobs()
+                finally:
+                    batch.close()
+                mech.select(aggregate(lp), rng)
+                dt_step = time.perf_counter() - t
+            if best is None or watch.foreign < best[0]:
+                best = (watch.foreign, dt_step)
+            if not watch.foreign > FOREIGN_LIMIT:
                 break
-            rows = [list(p) + list(prefix[:k]) for p in prompts]
-            t = time.perf_counter()
-            batch = engine.start(rows)
-            try:
-                lp = batch.logprobs()
-            finally:
-                batch.close()
-            mech.select(aggregate(lp), rng)
-            out.times[k] = time.perf_counter() - t
-            log(f"naive: step {n + 1} (prefix {k} tokens) {out.times[k]:.2f}s")
-    out.foreign = watch.foreign
+            log(f"naive: step disturbed ({pct(watch.foreign)} other CPU, {dt_step:.2f}s)")
+        assert best is not None
+        out.times[k] = best[1]
+        out.foreign = best[0] if math.isnan(out.foreign) else max(out.foreign, best[0])
+        log(f"naive: step {n + 1} (prefix {k} tokens) {out.times[k]:.2f}s")
     return out
 
 
@@ -537,7 +553,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--resampled-steps", type=int, default=None, help="resampled steps (4)")
     p.add_argument("--q", type=float, default=0.03, help="declared Poisson rate (resampled)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (engine default)")
-    p.add_argument("--retries", type=int, default=1, help="repeats of a disturbed measurement (1)")
+    p.add_argument("--retries", type=int, default=2, help="repeats of a disturbed measurement (2)")
     p.add_argument("--idle-wait", type=float, default=60.0, help="max wait for an idle CPU, s (60)")
     p.add_argument("--no-memory", action="store_true", help="skip the dpicl subprocess")
     args = p.parse_args(argv)
@@ -664,7 +680,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan_for(naive_M, "all"),
         args.naive_steps,
         args.naive_budget,
+        args.retries,
+        args.idle_wait,
     )
+    repeats += naive.repeats
     naive_step = mean(list(naive.times.values()))
 
     # 3. resampled regime -----------------------------------------------------------------
@@ -724,7 +743,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{pct(foreign_all)} (0% = the machine was ours; per measurement in the *other CPU* "
         "columns: CPU time of other processes / machine capacity, from /proc/stat). Each "
         "measurement waits (up to --idle-wait s) for an idle CPU first, and a fixed or "
-        f"resampled block disturbed by more than {pct(FOREIGN_LIMIT)} was repeated (up to "
+        "resampled block or a naive step disturbed by more than "
+        f"{pct(FOREIGN_LIMIT)} was repeated (up to "
         f"--retries={args.retries} times, the least disturbed attempt kept): {repeats} "
         "repeat(s) in this run.",
         f"- Prompts: agnews generation prompts, label {LABEL}, N={N} real examples each "

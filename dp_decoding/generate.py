@@ -83,7 +83,7 @@ class DemoGenerator:
         *,
         rng: np.random.Generator | None = None,
         job_key: bytes | None = None,
-        max_rows: int = 256,
+        max_rows: int = 128,
         progress: ProgressCallback | None = None,
     ) -> None:
         self.engine = engine
