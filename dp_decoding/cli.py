@@ -151,6 +151,12 @@ def _load(args: argparse.Namespace) -> list[Record] | None:
 
 
 def _plan_from_args(args: argparse.Namespace, records: list[Record] | None) -> Plan:
+    if args.task in ("mit-g", "mit-d"):
+        raise UsageError(
+            f"--task {args.task} is an extraction task (its 'label' is private text); "
+            "generate its demonstrations with `dpicl eval --task "
+            f"{args.task}`"
+        )
     labels, source = _labels_from_args(args, records)
     return make_plan(
         labels=labels,

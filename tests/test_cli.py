@@ -72,6 +72,10 @@ def test_bad_plan_parameters(good: Path, args: list[str], needle: str) -> None:
     _assert_clean_error(dpicl("generate", "--data", str(good), *args), needle)
 
 
+def test_extraction_task_is_refused_cleanly(good: Path) -> None:
+    _assert_clean_error(dpicl("generate", "--data", str(good), "--task", "mit-g"), "dpicl eval")
+
+
 def test_plan_prints_defaults_and_guarantee(good: Path) -> None:
     r = dpicl("plan", "--data", str(good))
     assert r.returncode == 0, r.stderr
