@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dp_decoding.engines.base import Engine
@@ -40,18 +40,19 @@ from proxy.schemas import (
     KeyRequest,
     PlanRequest,
 )
-from proxy.store import BudgetExceeded, NotFound, StorageError, Store
+from proxy.store import (
+    BudgetExceeded,
+    NotFound,
+    StorageError,
+    Store,
+    default_reference_event,
+)
 
 log = logging.getLogger("dpicl.proxy")
 
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 MAX_UPLOAD_RECORDS = 500_000
 DEFAULT_MAX_TOKENS = 256
-
-
-def reference_event(epsilon: float, delta: float):  # type: ignore[no-untyped-def]
-    """The reference job shape for "remaining budget": the core's default plan, two labels."""
-    return make_plan(labels=["a", "b"], epsilon=epsilon, delta=delta).event()
 
 
 def _now() -> int:
@@ -224,8 +225,6 @@ def create_app(
             body.max_completion_tokens or body.max_tokens,
             (body.top_logprobs or 0) if want_lp else 0,
         )
-        if want_lp and not params.top_logprobs:
-            params.top_logprobs = 0
         cid = "chatcmpl-" + uuid.uuid4().hex
         created = _now()
         if body.stream:
@@ -618,7 +617,9 @@ def create_app(
     @app.get("/v1/private/budget")
     def budget(key=Depends(_admin)) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         tenant = store.get_tenant(key.tenant_id)
-        out = store.budget(key.tenant_id, reference=lambda eps: reference_event(eps, tenant.delta))
+        out = store.budget(
+            key.tenant_id, reference=lambda eps: default_reference_event(eps, tenant.delta)
+        )
         metrics.epsilon_spent.labels(key.tenant_id).set(out["epsilon_spent"])
         return {"object": "privacy_budget", "tenant": tenant.name, **out}
 
@@ -656,4 +657,4 @@ def _sse(chunks: Iterator[str]) -> StreamingResponse:
     )
 
 
-__all__ = ["create_app", "PlainTextResponse"]
+__all__ = ["create_app"]
