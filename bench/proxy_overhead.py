@@ -525,8 +525,7 @@ def run_admission(
     url: str, schema: str | None, backend: str, prior: int, timed: int, gate: IdleGate
 ) -> AdmissionResult:
     from dp_decoding.plan import make_plan
-    from proxy.app import reference_event
-    from proxy.store import Store
+    from proxy.store import Store, default_reference_event
 
     res = AdmissionResult(backend=backend, prior=prior)
     store = Store.open(url, schema=schema)
@@ -569,7 +568,7 @@ def run_admission(
         for _ in range(2):
             t0 = time.perf_counter()
             report = store.budget(
-                tenant.id, reference=lambda eps: reference_event(eps, tenant.delta)
+                tenant.id, reference=lambda eps: default_reference_event(eps, tenant.delta)
             )
             res.budget_seconds.append(time.perf_counter() - t0)
         assert report is not None
