@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from dp_decoding.engines.hf_tokenizer import HFTokenizerMixin
 from dp_decoding.engines.model_files import MODEL_NAME, ensure_model_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-class EmbeddedEngine:
+class EmbeddedEngine(HFTokenizerMixin):
     """A transformers causal LM behind the engine protocol.
 
     Thread-safety: one lock serialises forward passes, so several batches may be interleaved
@@ -45,25 +46,9 @@ class EmbeddedEngine:
         self.name = MODEL_NAME
         self.model_dir = path
         self.vocab_size = int(self.model.config.vocab_size)
-        eos = {self.tokenizer.eos_token_id, 0}  # <|im_end|> and <|endoftext|>
-        self.eos_token_ids = frozenset(int(t) for t in eos if t is not None)
+        self.eos_token_ids = self._eos_ids()
         self.pad_token_id = int(self.tokenizer.pad_token_id or 0)
         self.lock = threading.Lock()
-
-    # -- tokenizer -------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
-
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
 
     # -- batches ---------------------------------------------------------------------------
     def start(self, prompts: Sequence[Sequence[int]]) -> EmbeddedBatch:

@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from dp_decoding.engines.hf_tokenizer import HFTokenizerMixin
 from dp_decoding.engines.model_files import MODEL_NAME, ensure_model_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -104,7 +105,7 @@ def _capture_processor_class() -> type:
     return CaptureLogprobs
 
 
-class VLLMEngine:
+class VLLMEngine(HFTokenizerMixin):
     """``vllm.LLM`` (offline, in-process) on the converted SmolLM2 directory.
 
     ``enforce_eager=True`` by default: start-up takes seconds instead of a minute of graph
@@ -169,25 +170,9 @@ class VLLMEngine:
         self.model_dir = path
         self.dtype = dtype
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
-        eos = {self.tokenizer.eos_token_id, 0}  # <|im_end|> and <|endoftext|>
-        self.eos_token_ids = frozenset(int(t) for t in eos if t is not None)
+        self.eos_token_ids = self._eos_ids()
         self.lock = threading.Lock()
         self._request_keys = itertools.count()
-
-    # -- tokenizer -------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
-
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
 
     @property
     def prefix_caching(self) -> bool:
