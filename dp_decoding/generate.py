@@ -85,6 +85,7 @@ class DemoGenerator:
         job_key: bytes | None = None,
         max_rows: int = 128,
         progress: ProgressCallback | None = None,
+        in_engine: bool | None = None,
     ) -> None:
         self.engine = engine
         self.plan = plan
@@ -93,6 +94,8 @@ class DemoGenerator:
         self.job_key = job_key if job_key is not None else new_job_key()
         self.max_rows = max(max_rows, plan.M)
         self.progress_cb = progress
+        self.in_engine = in_engine
+        self.fallback_groups = 0  # in-engine groups continued by the step loop (lockstep broke)
         self.mechanism: Mechanism = plan.mechanism_obj()
         nl = engine.tokenize("\n")
         self._stop_ids = frozenset(engine.eos_token_ids) | frozenset(nl[-1:])
@@ -115,9 +118,14 @@ class DemoGenerator:
         ]
         if plan.regime == "fixed":
             self._fill_fixed_prompts(groups, pools)
+        todo = groups
+        if plan.regime == "fixed" and self._use_in_engine():
+            self._run_fixed_in_engine(groups)
+            todo = [g for g in groups if not g.done]  # lockstep broke: continue by steps
+            self.fallback_groups = len(todo)
         per_wave = max(1, self.max_rows // plan.M)
-        for start in range(0, len(groups), per_wave):
-            wave = groups[start : start + per_wave]
+        for start in range(0, len(todo), per_wave):
+            wave = todo[start : start + per_wave]
             if plan.regime == "fixed":
                 self._run_fixed(wave)
             else:
@@ -225,14 +233,43 @@ class DemoGenerator:
     def _start_public(self, wave: list[_Group]) -> Batch | None:
         if self.plan.candidates != "public-topk":
             return None
-        return self.engine.start([g.public for g in wave])
+        return self.engine.start([g.public + g.generated for g in wave])
 
     # -- regimes ----------------------------------------------------------------------------
+    def _use_in_engine(self) -> bool:
+        """Design 2 (aggregation inside the engine) when the engine offers it and the
+        candidates need no public engine call per step (public top-k does: step loop)."""
+        able = bool(getattr(self.engine, "supports_in_engine_aggregation", False))
+        if self.in_engine and not able:
+            raise ValueError("this engine has no in-engine aggregation (use the vllm engine)")
+        if self.in_engine and self.plan.candidates == "public-topk":
+            raise ValueError("in-engine aggregation needs candidates 'all' or a declared list")
+        if self.in_engine is False:
+            return False
+        return able and self.plan.candidates != "public-topk"
+
+    def _run_fixed_in_engine(self, groups: list[_Group]) -> None:
+        """Every group in one engine ``generate`` (design 2); the mechanism's draws happen in
+        the engine's logits processor through ``choose``, one per (group, position)."""
+        results = self.engine.generate_aggregated(  # type: ignore[attr-defined]
+            [g.prompts for g in groups],
+            lambda scores: self.mechanism.select(scores, self.rng),
+            candidates=self._candidates(None),
+            is_stop=self._is_stop,
+            max_tokens=self.plan.max_tokens,
+        )
+        for g, res in zip(groups, results, strict=True):
+            for tok in res.tokens:
+                self._emit(g, tok)
+        self._report()
+
     def _run_fixed(self, wave: list[_Group]) -> None:
-        """Prompts fixed for the whole demonstration: one prefill, then one decode per step."""
+        """Prompts fixed for the whole demonstration: one prefill, then one decode per step.
+        A group may arrive with released tokens (continued after in-engine aggregation): its
+        rows start from them and the next position is the first one decided here."""
         M = self.plan.M
         public = self._start_public(wave)
-        private = self.engine.start([p for g in wave for p in g.prompts])
+        private = self.engine.start([p + g.generated for g in wave for p in g.prompts])
         filler = next(iter(self.engine.eos_token_ids))
         try:
             while not all(g.done for g in wave):

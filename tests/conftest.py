@@ -26,6 +26,15 @@ def engine():  # type: ignore[no-untyped-def]
     return EmbeddedEngine()
 
 
+@pytest.fixture(scope="session")
+def vengine():  # type: ignore[no-untyped-def]
+    """The real vLLM engine (in-process ``vllm.LLM``), loaded once per test session: vLLM keeps
+    process-wide state, so every vLLM test module shares this one instance."""
+    from dp_decoding.engines import load_engine
+
+    return load_engine("vllm")
+
+
 def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
     """Run the vLLM tests last: in-process vLLM pins this process's torch threads (and
     replaces ``torch.set_num_threads``), which would slow every later embedded-engine test."""

@@ -42,13 +42,6 @@ def tv(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 0.5 * np.abs(np.exp(a.astype(np.float64)) - np.exp(b.astype(np.float64))).sum(-1)
 
 
-@pytest.fixture(scope="module")
-def vengine():  # type: ignore[no-untyped-def]
-    from dp_decoding.engines import load_engine
-
-    return load_engine("vllm")
-
-
 def long_prompt(engine) -> list[int]:  # type: ignore[no-untyped-def]
     """A prompt over 2 KV blocks (block size 128 on CPU), so prefix-cache hits are visible."""
     text = " ".join(f"Example {i}: the market rose and the team won." for i in range(30))

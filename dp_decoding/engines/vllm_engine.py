@@ -27,10 +27,11 @@ No seed, key or noise is ever put in request parameters.
 Cost: a step re-prefills each row's tail past its last full cached KV block (block size 32 on
 CPU, so at most 32 tokens a row) instead of decoding one token; see docs/benchmarks.md.
 
-Not done here: design 2 (in-engine aggregation: a batch-level logits processor that groups the
-M rows of a generation, aggregates, applies the mechanism with a per-job OS-entropy seed held
-outside request parameters and forces the chosen token in every row, so one ``generate`` makes
-the whole demonstration). It needs this module's in-process engine core for lockstep.
+Design 2 (:meth:`VLLMEngine.generate_aggregated`, :mod:`dp_decoding.engines.vllm_aggregate`):
+a batch-level logits processor aggregates each generation's M rows inside the engine, applies
+the mechanism and forces the chosen token in every row, so one ``generate`` call makes whole
+demonstrations at the speed of batched decoding. It needs this module's in-process engine core
+(lockstep of a generation's rows, and the mechanism's state in this process's memory).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import itertools
 import os
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,6 +48,18 @@ import numpy as np
 
 from dp_decoding.engines.hf_tokenizer import HFTokenizerMixin
 from dp_decoding.engines.model_files import MODEL_NAME, ensure_model_dir
+from dp_decoding.engines.vllm_aggregate import (
+    AGG_KEY,
+    AggregationJob,
+    Chooser,
+    GroupResult,
+    GroupState,
+    _processor_class,
+    expected_output,
+    new_job_tag,
+    plan_waves,
+    results,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -122,6 +135,7 @@ class VLLMEngine(HFTokenizerMixin):
         block_size: int | None = None,
         kv_cache_gib: int = 2,
         enforce_eager: bool = True,
+        max_num_batched_tokens: int = 65536,
         **llm_kwargs: Any,
     ) -> None:
         # In-process engine core: the capture processor writes into this process's memory, and
@@ -146,6 +160,7 @@ class VLLMEngine(HFTokenizerMixin):
         self._TokensPrompt = TokensPrompt
         self.max_logprob_token_ids = int(MAX_LOGPROB_TOKEN_IDS)
         self._capture = _capture_processor_class()
+        self._aggregate = _processor_class()
         kwargs: dict[str, Any] = {
             "model": str(path),
             "tokenizer": str(path),
@@ -153,8 +168,11 @@ class VLLMEngine(HFTokenizerMixin):
             "enforce_eager": enforce_eager,
             "enable_prefix_caching": True,
             "max_model_len": max_model_len,
-            "logits_processors": [self._capture],
+            "logits_processors": [self._capture, self._aggregate],
             "seed": 0,  # vLLM's own sampler seed; our selections never use vLLM's sampler
+            # design 2 needs a generation's M prompts prefilled in one scheduler step (lockstep);
+            # vLLM's CPU default (4,096 tokens) splits M = 32 prompts of 300 tokens over steps
+            "max_num_batched_tokens": max_num_batched_tokens,
         }
         if block_size is None and current_platform.is_cpu():
             # vLLM's CPU default is 128: the step loop re-prefills each row's tail past the last
@@ -173,6 +191,85 @@ class VLLMEngine(HFTokenizerMixin):
         self.eos_token_ids = self._eos_ids()
         self.lock = threading.Lock()
         self._request_keys = itertools.count()
+
+    @property
+    def step_capacity(self) -> tuple[int, int]:
+        """(rows, tokens) that vLLM's scheduler admits in one step."""
+        core = getattr(self.llm.llm_engine.engine_core, "engine_core", None)
+        sched = getattr(core, "scheduler", None)
+        if sched is not None:  # in-process engine core: the live scheduler's limits
+            return int(sched.max_num_running_reqs), int(sched.max_num_scheduled_tokens)
+        sc = self.llm.llm_engine.vllm_config.scheduler_config
+        return int(sc.max_num_seqs), int(sc.max_num_batched_tokens)
+
+    # -- design 2 ----------------------------------------------------------------------------
+    supports_in_engine_aggregation = True
+
+    def generate_aggregated(
+        self,
+        groups: Sequence[Sequence[Sequence[int]]],
+        choose: Chooser,
+        *,
+        candidates: Sequence[int] | np.ndarray | None,
+        is_stop: Callable[[int], bool],
+        max_tokens: int,
+        prefixes: Sequence[Sequence[int]] | None = None,
+    ) -> list[GroupResult]:
+        """Generate each group's demonstration inside the engine (design 2).
+
+        ``groups[g]`` holds the M private prompts of generation ``g``; ``choose(scores)`` is
+        the mechanism's single noisy draw (its generator stays in this process); ``prefixes``
+        (optional) are already released tokens appended to every row of a group. Returns per
+        group the tokens chosen by this call; a group whose rows were not scheduled in lockstep
+        comes back with ``broken_at`` set and must be continued by the step loop.
+        """
+        cand = None if candidates is None else np.asarray(candidates, dtype=np.int64)
+        eos = min(self.eos_token_ids)
+        prefixes = prefixes or [[] for _ in groups]
+        rows_cap, toks_cap = self.step_capacity
+        out: list[GroupResult | None] = [None] * len(groups)
+        full = [[list(p) + list(prefixes[gi]) for p in g] for gi, g in enumerate(groups)]
+        for wave in plan_waves(full, rows_cap, toks_cap):
+            budget = [max_tokens - len(prefixes[gi]) for gi in wave]
+            job = AggregationJob(
+                groups=[GroupState(size=len(full[gi])) for gi in wave],
+                choose=choose,
+                candidates=cand,
+                is_stop=is_stop,
+                eos=eos,
+                max_tokens=max_tokens,
+            )
+            tag = new_job_tag()
+            salt = secrets.token_urlsafe(16)  # one fresh salt for this job's rows only
+            prompts, params = [], []
+            for j, gi in enumerate(wave):
+                if budget[j] <= 0:
+                    continue
+                for member, row in enumerate(full[gi]):
+                    prompts.append(self._TokensPrompt(prompt_token_ids=row, cache_salt=salt))
+                    params.append(
+                        self._SamplingParams(
+                            max_tokens=budget[j],
+                            temperature=0.0,
+                            detokenize=False,
+                            stop_token_ids=[eos],
+                            extra_args={AGG_KEY: (tag, j, member)},
+                        )
+                    )
+            owners = [j for j in range(len(wave)) if budget[j] > 0 for _ in full[wave[j]]]
+            with self.lock:
+                self._aggregate.jobs[tag] = job
+                try:
+                    outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+                finally:
+                    del self._aggregate.jobs[tag]
+            agree = [True] * len(wave)
+            for j, o in zip(owners, outs, strict=True):
+                if job.groups[j].broken_at is None:
+                    agree[j] &= list(o.outputs[0].token_ids) == expected_output(job, j)
+            for gi, res in zip(wave, results(job, agree), strict=True):
+                out[gi] = res
+        return [r for r in out if r is not None]
 
     @property
     def prefix_caching(self) -> bool:

