@@ -65,12 +65,17 @@ def create_app(
     *,
     metrics_key: str | None = None,
     run_jobs: bool = True,
+    serving_backend: serving.Backend | None = None,
 ) -> FastAPI:
     app = FastAPI(title="dpicl", version="0.1.0", docs_url=None, redoc_url=None)
     install_error_handlers(app)
     metrics = Metrics()
+    # Chat/completions backend (vLLM's scheduler for a vLLM engine); built before the job
+    # runner, so it can take over the engine's lock before any job step runs.
+    backend = serving_backend or serving.backend_for(engine)
     runner = JobRunner(store, engine) if run_jobs else None
     app.state.store, app.state.engine, app.state.runner = store, engine, runner
+    app.state.serving = backend
     base_model = engine.name
 
     @app.exception_handler(StorageError)
@@ -227,14 +232,17 @@ def create_app(
         )
         cid = "chatcmpl-" + uuid.uuid4().hex
         created = _now()
+        events = backend.generate(prompt_ids, params, tenant=key.tenant_id)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_chat_stream(cid, created, body.model, prompt_ids, params, include_usage))
+            return _sse(
+                _chat_stream(cid, created, body.model, prompt_ids, params, include_usage, events)
+            )
         texts = [""] * params.n
         finish: list[str | None] = [None] * params.n
         lps: list[list[dict[str, Any]]] = [[] for _ in range(params.n)]
         completion_tokens = 0
-        for ev in serving.generate(engine, prompt_ids, params):
+        for ev in events:
             texts[ev.index] += ev.delta
             completion_tokens += 1
             if ev.finish_reason:
@@ -280,6 +288,7 @@ def create_app(
         prompt_ids: list[int],
         params: serving.SamplingParams,
         include_usage: bool,
+        events: Iterator[serving.TokenEvent],
     ) -> Iterator[str]:
         def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
             obj = {
@@ -305,7 +314,7 @@ def create_app(
                 ]
             )
         count = 0
-        for ev in serving.generate(engine, prompt_ids, params):
+        for ev in events:
             count += 1
             if ev.delta or ev.finish_reason:
                 delta = {"content": ev.delta} if ev.delta else {}
@@ -336,10 +345,13 @@ def create_app(
         params = _params(body, body.max_tokens or 16, body.logprobs or 0)
         cid = "cmpl-" + uuid.uuid4().hex
         created = _now()
+        events = backend.generate(prompt_ids, params, tenant=key.tenant_id)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(
-                _completion_stream(cid, created, body.model, prompt_ids, params, include_usage)
+                _completion_stream(
+                    cid, created, body.model, prompt_ids, params, include_usage, events
+                )
             )
         texts = [""] * params.n
         finish: list[str | None] = [None] * params.n
@@ -348,7 +360,7 @@ def create_app(
             for _ in range(params.n)
         ]
         count = 0
-        for ev in serving.generate(engine, prompt_ids, params):
+        for ev in events:
             if body.logprobs is not None:
                 lp = lps[ev.index]
                 lp["text_offset"].append(len(texts[ev.index]))
@@ -387,9 +399,10 @@ def create_app(
         prompt_ids: list[int],
         params: serving.SamplingParams,
         include_usage: bool,
+        events: Iterator[serving.TokenEvent],
     ) -> Iterator[str]:
         count = 0
-        for ev in serving.generate(engine, prompt_ids, params):
+        for ev in events:
             count += 1
             if ev.delta or ev.finish_reason:
                 obj = {

@@ -35,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     _db_arg(s)
-    s.add_argument("--engine", default="embedded", help="engine (default: embedded SmolLM2, CPU)")
+    s.add_argument(
+        "--engine",
+        default="embedded",
+        help="engine: embedded (default; SmolLM2 on CPU with transformers), vllm (one "
+        "in-process vLLM engine for private jobs and for chat/completions, which vLLM's "
+        "scheduler batches continuously) or another load_engine() name",
+    )
     s.add_argument(
         "--metrics-key",
         default=os.environ.get("DPICL_METRICS_KEY"),
@@ -120,7 +126,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     engine_kwargs = {"threads": args.threads} if args.threads and args.engine == "embedded" else {}
     engine = load_engine(args.engine, **engine_kwargs)
     app = create_app(store, engine, metrics_key=args.metrics_key)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        close = getattr(app.state.serving, "close", None)
+        if close is not None:
+            close()  # stop the vLLM serving driver before the engine is torn down
     return 0
 
 

@@ -2,13 +2,21 @@
 
 Serving only ever sees released demonstrations (post-processing), never private records, and
 never touches a generation job's batches or cache salt.
+
+Two backends produce the same :class:`TokenEvent` stream, so the app builds identical
+responses from either: :class:`StepLoopBackend` samples token by token on the engine protocol
+(batch of one request, under the engine's lock), and, for a vLLM engine,
+:class:`proxy.vllm_serving.VLLMServing` lets vLLM's scheduler batch all requests in flight.
+:func:`backend_for` picks one.
 """
 
 from __future__ import annotations
 
 import secrets
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -131,3 +139,43 @@ def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> I
             batch.append(tokens)
     finally:
         batch.close()
+
+
+class Backend(Protocol):
+    """What the app needs to serve chat and completions.
+
+    ``generate`` yields one :class:`TokenEvent` per generated token of each of ``params.n``
+    choices; a choice's last event carries its ``finish_reason``. ``tenant`` scopes any prefix
+    cache the backend keeps (never shared with private generation).
+    """
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, tenant: str | None = None
+    ) -> Iterator[TokenEvent]: ...
+
+
+class StepLoopBackend:
+    """:func:`generate` on the engine protocol: one request at a time per engine call."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, tenant: str | None = None
+    ) -> Iterator[TokenEvent]:
+        return generate(self.engine, prompt_ids, params)
+
+    def close(self) -> None:
+        return None
+
+
+def backend_for(engine: Engine) -> Backend:
+    """vLLM serving for a :class:`~dp_decoding.engines.vllm_engine.VLLMEngine` (its module is
+    only looked up, never imported here, so the embedded path never imports vLLM), the step
+    loop for every other engine."""
+    mod = sys.modules.get("dp_decoding.engines.vllm_engine")
+    if mod is not None and isinstance(engine, mod.VLLMEngine):
+        from proxy.vllm_serving import VLLMServing
+
+        return VLLMServing(engine)
+    return StepLoopBackend(engine)

@@ -47,6 +47,7 @@ class Server:
     log_path: Path
     metrics_key: str = "metrics-secret"
     log_level: str = "info"
+    engine: str = "embedded"
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None  # type: ignore[type-arg]
 
@@ -71,6 +72,8 @@ class Server:
                 self.metrics_key,
                 "--log-level",
                 self.log_level,
+                "--engine",
+                self.engine,
             ],
             cwd=ROOT,
             env=env,
