@@ -233,7 +233,12 @@ class DemoGenerator:
     def _start_public(self, wave: list[_Group]) -> Batch | None:
         if self.plan.candidates != "public-topk":
             return None
-        return self.engine.start([g.public + g.generated for g in wave])
+        prompts = [g.public + g.generated for g in wave]
+        if getattr(self.engine, "marks_public_batches", False):
+            # engines that refuse full-vocabulary reads on private batches (upstream) are told
+            # this batch holds only the data-free public prompt
+            return self.engine.start(prompts, public=True)  # type: ignore[call-arg]
+        return self.engine.start(prompts)
 
     # -- regimes ----------------------------------------------------------------------------
     def _use_in_engine(self) -> bool:

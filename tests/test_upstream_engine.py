@@ -58,16 +58,6 @@ ALLOWED_KEYS = {
 }
 
 
-class PublicAwareGenerator(DemoGenerator):
-    """DemoGenerator that marks its public-prompt batch as public (what the upstream engine
-    needs for public top-k candidates)."""
-
-    def _start_public(self, wave):  # type: ignore[no-untyped-def]
-        if self.plan.candidates != "public-topk":
-            return None
-        return self.engine.start([g.public for g in wave], public=True)
-
-
 # -- a fake OpenAI-compatible server ------------------------------------------------------------
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     m = x.max()
@@ -343,7 +333,7 @@ def test_no_seed_or_noise_in_requests_of_a_whole_plan(cl100k) -> None:  # type: 
             top_k=5,
             candidate_token_ids=eng.tokenize(" the market team won lost rose fell"),
         )
-        gen = PublicAwareGenerator(eng, plan, task, rng=np.random.default_rng(3), job_key=key)
+        gen = DemoGenerator(eng, plan, task, rng=np.random.default_rng(3), job_key=key)
         demos = gen.run(records)
         assert [d.label for d in demos] == labels
         assert all(0 <= d.tokens <= 4 for d in demos)
@@ -612,7 +602,7 @@ def test_real_vllm_runs_a_demo_generator_plan(vllm_server, candidates) -> None: 
         top_k=10,
         candidate_token_ids=up.tokenize(words),
     )
-    gen = PublicAwareGenerator(up, plan, task, rng=np.random.default_rng(7))
+    gen = DemoGenerator(up, plan, task, rng=np.random.default_rng(7))
     demos = gen.run(records)
     assert [d.label for d in demos] == labels
     assert all(isinstance(d.text, str) and 0 <= d.tokens <= plan.max_tokens for d in demos)

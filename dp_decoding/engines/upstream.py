@@ -213,6 +213,9 @@ class UpstreamEngine:
     the network. Thread-safe: ``httpx.Client`` is, and the engine keeps no per-step state.
     """
 
+    marks_public_batches = True
+    """:class:`DemoGenerator` passes ``public=True`` when it starts the public prompt's batch."""
+
     def __init__(
         self,
         base_url: str | None = None,

