@@ -90,16 +90,15 @@ def test_non_vllm_engines_keep_the_step_loop() -> None:
 
 # -- in process: the phase separation on a real vLLM engine -------------------------------------
 @needs_vllm
-def test_private_steps_and_serving_never_share_a_forward_pass() -> None:
+def test_private_steps_and_serving_never_share_a_forward_pass(vengine: Any) -> None:
     """Every scheduler step holds only serving requests or only a private batch's rows, and
     under load they take turns (private step, serving wave, private step, ...).
 
-    Builds its own in-process engine and shuts it down before the server tests start, so only
-    one vLLM instance runs at a time."""
-    from dp_decoding.engines import load_engine
+    Uses the session's in-process engine (one vLLM instance per test process); the server
+    tests below run their own ``dpicl serve`` process."""
     from proxy.serving import SamplingParams
 
-    engine = load_engine("vllm")
+    engine = vengine
     core = engine.llm.llm_engine.engine_core.engine_core  # in-process EngineCore
     backend = backend_for(engine)
     steps: list[set[str]] = []
@@ -138,7 +137,6 @@ def test_private_steps_and_serving_never_share_a_forward_pass() -> None:
     finally:
         core.scheduler.schedule = schedule
         backend.close()  # type: ignore[attr-defined]
-        engine.llm.llm_engine.engine_core.shutdown()
     assert done == [1] and all(0 < n <= 12 for n in tokens)
     kinds = []
     for ids in steps:
