@@ -76,3 +76,40 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:  # typ
     assert fresh["demonstrations"] == stored["demonstrations"]
     assert fresh["accuracy"] == stored["accuracy"]
     assert fresh["calibrated"] == stored["calibrated"]
+
+
+def test_report_only_computes_nothing_and_reports_cached_cells(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """``--report-only`` builds the reports from the cache alone: no engine is started, and
+    cells missing from the cache are left out (shown as "—") instead of computed."""
+    from dp_decoding.evaluation.runner import Cache, cells_for
+
+    cfg = EvalConfig(
+        tasks=["trec"],
+        data_dir=shared_data,
+        epsilons=[1.0, math.inf],
+        seeds=1,
+        test_rows=5,
+        shots=[4],
+        out=tmp_path,
+        methods=["zero-shot", "best"],
+        report_only=True,
+        quiet=True,
+    )
+    td = load_task(cfg, "trec")
+    cells = cells_for(cfg, td.spec)
+    cached = next(c for c in cells if c["method"] == "best" and c["epsilon"] == "1")
+    fake = {"accuracy": 0.5, "calibrated": 0.25, "n": 5, "demonstrations": []}
+    fake.update(epsilon_achieved=1.0, sigma=None, epsilon0=0.1, q=None, steps=15)
+    Cache(tmp_path / "cache.json").put(cached, fake)
+
+    def no_engine():  # type: ignore[no-untyped-def]
+        raise AssertionError("report-only must not start an engine")
+
+    res = run_eval(cfg, engine_factory=no_engine)
+    assert res["cells_computed_this_sitting"] == 0 and len(res["cells"]) == 1
+    best = res["summary"]["trec"]["4"]["best"]
+    assert set(best) == {"1"} and best["1"]["calibrated"]["mean"] == 25.0
+    md = (tmp_path / "results.md").read_text()
+    assert "25.0" in md and "—" in md

@@ -72,6 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         threads=args.threads,
         quiet=args.quiet,
         engine=args.engine,
+        report_only=args.report_only,
     )
     res = run_eval(cfg)
     print(
@@ -146,6 +147,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="os: OS-entropy noise (production); fixed: derived from the seed (tests only)",
     )
     e.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    e.add_argument(
+        "--report-only",
+        action="store_true",
+        help="compute nothing; write the reports from the cells already cached in --out",
+    )
     e.add_argument(
         "--engine",
         choices=["embedded", "vllm"],

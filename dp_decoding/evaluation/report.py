@@ -29,7 +29,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines = [
         "# dpicl eval: accuracy (%) of in-context learning with DP demonstrations",
         "",
-        f"Model SmolLM2-135M-Instruct (embedded engine). δ = {cfg['delta']:g}. "
+        f"Model SmolLM2-135M-Instruct ({cfg.get('engine', 'embedded')} engine). "
+        f"δ = {cfg['delta']:g}. "
         f"Seeds: {cfg['seeds']} (mean ± std over seeds). Seed mode: {cfg['seed_mode']}. "
         f"Settings: {'paper' if cfg['paper_settings'] else 'budget'}"
         + (f", caps {cfg['override']}" if cfg["override"] else "")

@@ -79,6 +79,9 @@ class EvalConfig:
     threads: int | None = None
     quiet: bool = False
     engine: str = "embedded"
+    report_only: bool = False
+    """Compute nothing: report the grid's cells that are already cached (missing ones show
+    as "—"); for grids finished in parts, e.g. different ε per task."""
     """``embedded`` (transformers, the reference) or ``vllm`` (same weights and dtype; faster
     prefill on CPU). Part of every non-embedded cell's key."""
 
@@ -305,6 +308,9 @@ def run_eval(cfg: EvalConfig, engine_factory: Callable[[], Any] | None = None) -
     tasks = {name: load_task(cfg, name) for name in cfg.tasks}
     grid = [(name, c) for name in cfg.tasks for c in cells_for(cfg, tasks[name].spec)]
     todo = [(n, c) for n, c in grid if cache.get(c) is None]
+    if cfg.report_only:
+        grid = [(n, c) for n, c in grid if cache.get(c) is not None]
+        todo = []
     engine = None
     bar = tqdm(
         total=len(grid),
@@ -408,6 +414,7 @@ def collect(
             "seed_mode": cfg.seed_mode,
             "delta": DELTA,
             "engine": cfg.engine,
+            "report_only": cfg.report_only,
         },
         "tasks": task_info,
         "summary": summary,
