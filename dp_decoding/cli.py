@@ -275,11 +275,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{p.tokens} tok, {rate:.1f} tok/s", refresh=False)
         bar.refresh()
 
-    demos = DemoGenerator(engine, plan, task, progress=on_progress).run(records)
+    gen = DemoGenerator(engine, plan, task, progress=on_progress)
+    demos = gen.run(records)
     bar.close()
+    facts: dict[str, Any] = {"engine": args.engine, "model": engine.name}
+    if hasattr(engine, "describe"):  # upstream: how candidate log-probabilities were read
+        facts.update(engine.describe())
+    facts["in_engine_aggregation"] = plan.regime == "fixed" and gen._use_in_engine()
+    facts["groups_finished_by_step_loop"] = gen.fallback_groups
     out = {
         "demonstrations": [d.to_dict() for d in demos],
         "plan": plan.to_dict(),
+        "engine": facts,
         "epsilon": plan.to_dict()["epsilon"],
         "delta": plan.delta,
         "privacy_unit": plan.privacy_unit,

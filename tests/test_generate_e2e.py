@@ -46,6 +46,8 @@ def test_generate_one_demonstration_per_label(shared_data: Path, tmp_path: Path)
     labels = [d["label"] for d in doc["demonstrations"]]
     assert labels == ["World", "Sports", "Business", "Sci/Tech"]
     assert all(isinstance(d["text"], str) for d in doc["demonstrations"])
+    assert doc["engine"]["engine"] == "embedded"
+    assert doc["engine"]["in_engine_aggregation"] is False  # the embedded engine has no design 2
     plan = doc["plan"]
     for key in (
         "regime",
