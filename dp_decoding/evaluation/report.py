@@ -16,11 +16,14 @@ POOL_NOTE = {
 }
 
 
-def _cell(entry: dict[str, Any] | None, metric: str) -> str:
+def _cell(entry: dict[str, Any] | None, metric: str, seeds: int | None = None) -> str:
+    """``mean ± std`` over draws; the number of draws is shown when it differs from the run's
+    ``--seeds`` (report-only over cells finished in parts)."""
     if not entry or metric not in entry:
         return "—"
     e = entry[metric]
-    return f"{e['mean']:.1f} ± {e['std']:.1f}" if e["n"] > 1 else f"{e['mean']:.1f}"
+    text = f"{e['mean']:.1f} ± {e['std']:.1f}" if e["n"] > 1 else f"{e['mean']:.1f}"
+    return text + (f" (n={e['n']})" if seeds is not None and e["n"] != seeds else "")
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
@@ -60,12 +63,13 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 for m in BASELINES:
                     src = zero if m.startswith("zero-shot") else by_method
                     if m in src:
-                        row = [METHODS[m], _cell(src[m].get("none"), metric)]
+                        seeds = None if m.startswith("zero-shot") else cfg["seeds"]
+                        row = [METHODS[m], _cell(src[m].get("none"), metric, seeds)]
                         lines.append("| " + " | ".join(row + ["—"] * len(eps_cols)) + " |")
                 for m in DP_METHODS:
                     if m in by_method:
                         row = [METHODS[m], "—"] + [
-                            _cell(by_method[m].get(e), metric) for e in eps_cols
+                            _cell(by_method[m].get(e), metric, cfg["seeds"]) for e in eps_cols
                         ]
                         lines.append("| " + " | ".join(row) + " |")
                 lines.append("")
