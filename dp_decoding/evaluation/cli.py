@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from dp_decoding.evaluation.runner import METHODS
+from dp_decoding.evaluation.runner import DEFAULT_METHODS, METHODS
 from dp_decoding.evaluation.tasks import EVAL_TASKS
 
 
@@ -47,7 +47,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"dpicl: error: unknown task(s) {bad}; valid: {list(EVAL_TASKS)}", file=sys.stderr
             )
             return 2
-    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    methods = (
+        list(DEFAULT_METHODS)
+        if args.methods == "default"
+        else list(METHODS)
+        if args.methods == "all"
+        else args.methods.split(",")
+    )
     if any(m not in METHODS for m in methods):
         print(f"dpicl: error: --methods: choose from {list(METHODS)}", file=sys.stderr)
         return 2
@@ -131,7 +137,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--test-rows", type=int, default=100, help="test rows (0 = the paper's protocol)"
     )
     e.add_argument("--shots", type=_ints, default=[4], help="comma list, e.g. 4,8,16")
-    e.add_argument("--methods", default="all", help=f"'all' or a comma list of {list(METHODS)}")
+    e.add_argument(
+        "--methods",
+        default="default",
+        help=f"'default' (all but 'wide'), 'all', or a comma list of {list(METHODS)}",
+    )
     e.add_argument(
         "--paper-settings",
         action="store_true",
