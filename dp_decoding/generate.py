@@ -179,10 +179,17 @@ class DemoGenerator:
         stops = np.fromiter(self._stop_ids, dtype=np.int64)
         return np.unique(np.concatenate([base, stops]))
 
-    def _select(self, lp: np.ndarray, cand: np.ndarray | None) -> int:
+    def _select(
+        self, lp: np.ndarray, cand: np.ndarray | None, pub: np.ndarray | None = None
+    ) -> int:
         """Exactly one noisy selection for one (demonstration, position); ``lp`` holds the M
-        prompts' log-probabilities of ``cand`` (or of the whole vocabulary when None)."""
-        idx = self.mechanism.select(aggregate(lp), self.rng)
+        prompts' log-probabilities of ``cand`` (or of the whole vocabulary when None); ``pub``
+        is the public prompt's full-vocabulary log-probabilities (the mechanism's public
+        prior when the plan declares one; never private)."""
+        prior = None
+        if self.plan.public_prior > 0 and pub is not None and cand is not None:
+            prior = pub[cand]
+        idx = self.mechanism.select(aggregate(lp), self.rng, prior)
         return int(idx if cand is None else cand[idx])
 
     def _step_logprobs(
@@ -284,7 +291,11 @@ class DemoGenerator:
                 for gi, g in enumerate(wave):
                     if not g.done:
                         rows = lp[gi * M : (gi + 1) * M]
-                        tok = self._select(_columns(rows, cands[gi], cols[gi]), cands[gi])
+                        tok = self._select(
+                            _columns(rows, cands[gi], cols[gi]),
+                            cands[gi],
+                            None if pub_lp is None else pub_lp[gi],
+                        )
                         self._emit(g, tok)
                     else:
                         tok = filler  # finished rows idle in lockstep; no noise is drawn
@@ -339,7 +350,11 @@ class DemoGenerator:
                 for gi, g in enumerate(wave):
                     if not g.done:
                         block = lp[li * M : (li + 1) * M]
-                        tok = self._select(_columns(block, cands[gi], cols[gi]), cands[gi])
+                        tok = self._select(
+                            _columns(block, cands[gi], cols[gi]),
+                            cands[gi],
+                            None if pub_lp is None else pub_lp[gi],
+                        )
                         li += 1
                         self._emit(g, tok)
                     else:

@@ -34,7 +34,10 @@ class GaussianNoisyArgmax:
     sensitivity: float = GAUSSIAN_SENSITIVITY
     name: Literal["gaussian"] = "gaussian"
 
-    def select(self, scores: np.ndarray, rng: np.random.Generator) -> int:
+    def select(
+        self, scores: np.ndarray, rng: np.random.Generator, prior: np.ndarray | None = None
+    ) -> int:
+        """``prior`` (public log-probabilities) is ignored: the Gaussian row takes none."""
         s = np.asarray(scores, dtype=np.float64)
         if self.sigma > 0:
             s = s + rng.normal(0.0, self.sigma, size=s.shape)
@@ -49,17 +52,30 @@ class GaussianNoisyArgmax:
 @dataclass(frozen=True)
 class ExponentialMechanism:
     """Sample candidate ``v`` with probability ``∝ exp(ε₀·s_v / (2Δ))`` (Gumbel-max: one draw
-    of i.i.d. Gumbel noise per candidate, then argmax — exactly the exponential mechanism)."""
+    of i.i.d. Gumbel noise per candidate, then argmax — exactly the exponential mechanism).
+
+    With ``prior_weight`` λ > 0 and a *public* ``prior`` (the public prompt's log-probabilities
+    of the candidates, computed without private data), the probability is
+    ``∝ p_pub(v)^λ · exp(ε₀·s_v / (2Δ))``: the utility gains a data-independent term, which
+    cancels in every likelihood ratio between neighbouring datasets, so the mechanism stays
+    ε₀-DP and ε₀-bounded-range (same event). As ε₀ → 0 it samples the public model (the
+    model-written baseline at λ = 1); as ε₀ grows the private vote dominates.
+    """
 
     epsilon0: float
     sensitivity: float = EXPONENTIAL_SENSITIVITY
     name: Literal["exponential"] = "exponential"
+    prior_weight: float = 0.0
 
-    def select(self, scores: np.ndarray, rng: np.random.Generator) -> int:
+    def select(
+        self, scores: np.ndarray, rng: np.random.Generator, prior: np.ndarray | None = None
+    ) -> int:
         s = np.asarray(scores, dtype=np.float64)
         if math.isinf(self.epsilon0):
             return int(np.argmax(s))
         logits = self.epsilon0 * s / (2.0 * self.sensitivity)
+        if self.prior_weight > 0 and prior is not None:
+            logits = logits + self.prior_weight * np.asarray(prior, dtype=np.float64)
         return int(np.argmax(logits + rng.gumbel(size=s.shape)))
 
     def event(self, steps: int, q: float | None) -> JobEvent:

@@ -81,6 +81,8 @@ class Plan:
     task: str = "generic"
     model: str = ""
     notes: tuple[str, ...] = field(default=())
+    public_prior: float = 0.0
+    """λ of the exponential mechanism's public prior (0 = none); public top-k candidates only."""
 
     # -- privacy ---------------------------------------------------------------------------
     @property
@@ -96,7 +98,7 @@ class Plan:
             assert self.sigma is not None
             return GaussianNoisyArgmax(self.sigma)
         assert self.epsilon0 is not None
-        return ExponentialMechanism(self.epsilon0)
+        return ExponentialMechanism(self.epsilon0, prior_weight=self.public_prior)
 
     def epsilon(self) -> float:
         """The reported (achieved) ε at ``delta``: PLD via dp_accounting (see accountant)."""
@@ -170,6 +172,7 @@ def make_plan(
     privacy_unit: str = DEFAULTS["privacy_unit"],
     task: str = "generic",
     model: str = "",
+    public_prior: float = 0.0,
 ) -> Plan:
     """Validate declared parameters and calibrate the noise to ``epsilon`` at ``delta``."""
     labels = tuple(dict.fromkeys(str(x) for x in labels))
@@ -206,6 +209,12 @@ def make_plan(
     else:
         candidate_token_ids = None
 
+    _check(math.isfinite(public_prior) and public_prior >= 0, "public-prior must be a number >= 0")
+    if public_prior > 0:
+        _check(
+            mechanism == "exponential" and candidates == "public-topk",
+            "public-prior needs the exponential mechanism and public top-k candidates",
+        )
     steps_per_demo = max_tokens
     steps = steps_per_demo if regime == "fixed" else shots * steps_per_demo
     notes: list[str] = []
@@ -250,6 +259,7 @@ def make_plan(
         task=task,
         model=model,
         notes=tuple(notes),
+        public_prior=float(public_prior),
     )
 
 

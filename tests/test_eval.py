@@ -42,10 +42,10 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:  # typ
     for name in ("results.json", "results.md", "accuracy_vs_epsilon.png", "cache.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     doc = json.loads((out / "results.json").read_text())
-    # 2 zero-shot + real + public + 2 DP methods × 2 ε
-    assert len(doc["cells"]) == 8
+    # 2 zero-shot + real + public + 3 DP methods (paper, best, blend) × 2 ε
+    assert len(doc["cells"]) == 10
     summ = doc["summary"]["trec"]
-    assert set(summ["4"]) == {"real", "public", "paper", "best"}
+    assert set(summ["4"]) == {"real", "public", "paper", "best", "blend"}
     assert set(summ["4"]["paper"]) == {"1", "inf"} and set(summ["0"]) == {
         "zero-shot",
         "zero-shot-chat",
@@ -54,13 +54,13 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:  # typ
         r = cell["result"]
         assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 20
         assert r["calibrated"] is not None
-        if cell["cell"]["method"] in ("paper", "best") and cell["cell"]["epsilon"] == "1":
+        if cell["cell"]["method"] in ("paper", "best", "blend") and cell["cell"]["epsilon"] == "1":
             assert r["epsilon_achieved"] <= 1.0
-    # table: one row per method (6), one column per ε plus the method and "no DP" columns
+    # table: one row per method (7), one column per ε plus the method and "no DP" columns
     md = (out / "results.md").read_text()
     table = md.split("## trec, 4 demonstrations, calibrated")[1].split("\n\n")[2]
     rows = [line for line in table.splitlines() if line.startswith("|")][2:]
-    assert len(rows) == 6 and all(line.count("|") == 5 for line in rows)
+    assert len(rows) == 7 and all(line.count("|") == 5 for line in rows)
     # resumable: nothing is recomputed
     again = run_eval(cfg, engine_factory=lambda: engine)
     assert again["cells_computed_this_sitting"] == 0

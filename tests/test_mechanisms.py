@@ -1,8 +1,8 @@
 """Mechanisms: noise scale, selection law, sensitivity of the aggregate, one draw per position.
 
 Statistical tests use z-scores against the exact selection probabilities with |z| < 5; for a
-correct implementation each check fails with probability < 5.8e-7 (two-sided normal tail),
-so the file's false-positive rate is below 1e-5.
+correct implementation each check fails with probability < 5.8e-7 (two-sided normal tail);
+the file makes 15 such checks, so its false-positive rate is below 15 × 5.8e-7 < 1e-5.
 """
 
 from __future__ import annotations
@@ -62,6 +62,60 @@ def test_exponential_selection_law(eps0: float) -> None:
     probs = w / w.sum()
     for c, p in zip(counts, probs, strict=True):
         assert abs(_z(int(c), TRIALS, float(p))) < Z
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0, 2.0])
+def test_exponential_with_public_prior_selection_law(lam: float) -> None:
+    """P(v) ∝ p_pub(v)^λ · exp(ε₀ s_v / 2): the prior multiplies, the private vote still
+    decides the ratio between neighbours."""
+    rng = np.random.default_rng(4)
+    eps0 = 1.0
+    mech = ExponentialMechanism(eps0, prior_weight=lam)
+    scores = np.array([0.0, 1.0, 2.5])
+    prior = np.log(np.array([0.6, 0.3, 0.1]))
+    counts = np.bincount([mech.select(scores, rng, prior) for _ in range(TRIALS)], minlength=3)
+    w = np.exp(eps0 * scores / 2 + lam * prior)
+    for c, p in zip(counts, w / w.sum(), strict=True):
+        assert abs(_z(int(c), TRIALS, float(p))) < Z
+
+
+def _exp_probs(eps0: float, s: np.ndarray, prior: np.ndarray, lam: float) -> np.ndarray:
+    z = eps0 * s / 2 + lam * prior
+    w = np.exp(z - z.max())
+    return w / w.sum()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    s=arrays(np.float64, 6, elements=st.floats(0, 8)),
+    shift=arrays(np.float64, 6, elements=st.floats(-1, 1)),
+    prior=arrays(np.float64, 6, elements=st.floats(-20, 0)),
+    lam=st.floats(0, 3),
+    eps0=st.floats(0.01, 4),
+)
+def test_public_prior_keeps_the_privacy_bound(
+    s: np.ndarray, shift: np.ndarray, prior: np.ndarray, lam: float, eps0: float
+) -> None:
+    """Scores moved by ≤ 1 per coordinate (one prompt changed) change every outcome's log
+    probability by ≤ ε₀ and every pairwise log ratio (bounded range) by ≤ ε₀, whatever the
+    public prior: it is the same on both sides and cancels."""
+    a = _exp_probs(eps0, s, prior, lam)
+    b = _exp_probs(eps0, s + shift, prior, lam)
+    assert np.max(np.abs(np.log(a) - np.log(b))) <= eps0 + 1e-9
+    ratio = np.log(a) - np.log(b)
+    assert ratio.max() - ratio.min() <= eps0 + 1e-9
+
+
+def test_public_prior_is_declared_for_exponential_public_topk_only() -> None:
+    from dp_decoding.plan import PlanError
+
+    plan = make_plan(labels=["A"], mechanism="exponential", public_prior=1.0)
+    assert plan.mechanism_obj().prior_weight == 1.0 and plan.to_dict()["public_prior"] == 1.0
+    for bad in ({"mechanism": "gaussian"}, {"mechanism": "exponential", "candidates": "all"}):
+        with pytest.raises(PlanError):
+            make_plan(labels=["A"], public_prior=1.0, **bad)  # type: ignore[arg-type]
+    with pytest.raises(PlanError):
+        make_plan(labels=["A"], mechanism="exponential", public_prior=-1.0)
 
 
 def test_noiseless_limits_are_argmax() -> None:

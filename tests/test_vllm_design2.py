@@ -37,9 +37,9 @@ class CountingMechanism:
     def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
         self.inner, self.draws = inner, 0
 
-    def select(self, scores: np.ndarray, rng: np.random.Generator) -> int:
+    def select(self, scores: np.ndarray, rng: np.random.Generator, prior=None) -> int:  # type: ignore[no-untyped-def]
         self.draws += 1
-        return self.inner.select(scores, rng)
+        return self.inner.select(scores, rng, prior)
 
 
 def _generator(engine, epsilon: float, in_engine: bool, T: int = 10):  # type: ignore[no-untyped-def]

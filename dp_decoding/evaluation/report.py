@@ -120,7 +120,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             continue
         c = colors[i % len(colors)]
         by_method = by_shots[shots]
-        for m, style in (("paper", "-o"), ("best", "--s"), ("wide", "-.^")):
+        for m, style in (("paper", "-o"), ("best", "--s"), ("blend", ":d"), ("wide", "-.^")):
             pts = [(x, by_method.get(m, {}).get(e)) for x, e in zip(xs, eps_cols, strict=True)]
             pts = [(x, ent[metric]) for x, ent in pts if ent and metric in ent]
             if pts:

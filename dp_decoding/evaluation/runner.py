@@ -57,9 +57,10 @@ METHODS: dict[str, str] = {
     "public": "model-written, no private data (ε = 0)",
     "paper": "DP, paper settings (resampled, Gaussian, public top-100)",
     "best": "DP, dpicl best (fixed batches, exponential, public top-50)",
+    "blend": "DP, dpicl best with the public prior (exponential × public model, λ = 1)",
     "wide": f"DP, dpicl fixed batches at M = {WIDE_M} (exponential, public top-50)",
 }
-DP_METHODS = ("paper", "best", "wide")
+DP_METHODS = ("paper", "best", "blend", "wide")
 DEFAULT_METHODS = [m for m in METHODS if m != "wide"]
 """``all`` minus ``wide`` (M = 128 prompts per demonstration: minutes per cell on CPU)."""
 BASELINES = ("zero-shot", "zero-shot-chat", "real", "public")
@@ -144,14 +145,16 @@ def load_task(cfg: EvalConfig, name: str) -> TaskData:
 
 def dp_settings(cfg: EvalConfig, spec: EvalTask, method: str) -> dict[str, Any]:
     """Declared generation parameters of a DP row (and of the ε = 0 row's length T)."""
-    if method in ("best", "wide"):
-        s = spec.best if method == "best" else Settings(WIDE_M, 2, spec.best.T)
+    if method in ("best", "blend", "wide"):
+        s = Settings(WIDE_M, 2, spec.best.T) if method == "wide" else spec.best
         out: dict[str, Any] = {
             "regime": "fixed",
             "mechanism": "exponential",
             "candidates": "public-topk",
             "top_k": 50,
         }
+        if method == "blend":  # λ = 1, declared a priori: the public model's own distribution
+            out["public_prior"] = 1.0
     else:
         s = spec.paper if cfg.paper_settings else spec.budget
         out = {
@@ -194,6 +197,7 @@ def build_plan(fmt: TaskFormat, spec: EvalTask, st: dict[str, Any], eps: float, 
         example_token_limit=st["example_token_limit"],
         task=spec.name,
         model="SmolLM2-135M-Instruct",
+        public_prior=st.get("public_prior", 0.0),
     )
 
 
