@@ -141,7 +141,7 @@ def _run_prompts(records: list[Record], regime: str, sampler=None) -> list[list[
         gen._poisson_sample = sampler  # type: ignore[method-assign]
     # force full-length demonstrations so both runs take the same number of steps
     gen._is_stop = lambda token: False  # type: ignore[method-assign]
-    gen._select = lambda lp, cand: 5  # type: ignore[method-assign]
+    gen._select = lambda lp, cand, pub=None: 5  # type: ignore[method-assign]
     gen.run(records)
     return [b for b in engine.started if len(b) > 2]  # private batches (public has 1 row/group)
 
