@@ -111,6 +111,15 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, need_data: bool) -> None:
     )
     p.add_argument("--top-k", type=int, default=d["top_k"], help="K for public-topk")
     p.add_argument(
+        "--public-prior",
+        type=float,
+        default=0.0,
+        metavar="LAMBDA",
+        help="exponential mechanism with public-topk only: sample ∝ p_pub^λ·exp(ε₀·s/2), the "
+        "public prompt's probabilities as a data-free prior (same ε; 0 = off; 1 recommended "
+        "at small ε, see docs/results.md)",
+    )
+    p.add_argument(
         "--example-token-limit",
         type=int,
         default=d["example_token_limit"],
@@ -172,6 +181,7 @@ def _plan_from_args(args: argparse.Namespace, records: list[Record] | None) -> P
         q=args.q,
         candidates=args.candidates,
         top_k=args.top_k,
+        public_prior=args.public_prior,
         example_token_limit=args.example_token_limit,
         privacy_unit=args.privacy_unit,
         task=args.task,
@@ -200,6 +210,7 @@ def describe_plan(plan: Plan) -> str:
         "max_tokens",
         "candidates",
         "top_k",
+        "public_prior",
         "example_token_limit",
         "privacy_unit",
         "steps",

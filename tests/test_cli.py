@@ -66,10 +66,18 @@ def test_missing_field(tmp_path: Path) -> None:
         (["--regime", "resampled"], "--q"),
         (["--q", "0.1"], "resampled regime only"),
         (["--prompts", "0"], "prompts"),
+        (["--public-prior", "1"], "public-prior"),  # needs the exponential mechanism
+        (["--mechanism", "exponential", "--public-prior", "-1"], "public-prior"),
     ],
 )
 def test_bad_plan_parameters(good: Path, args: list[str], needle: str) -> None:
     _assert_clean_error(dpicl("generate", "--data", str(good), *args), needle)
+
+
+def test_plan_with_public_prior(good: Path) -> None:
+    r = dpicl("plan", "--data", str(good), "--mechanism", "exponential", "--public-prior", "1")
+    assert r.returncode == 0, r.stderr
+    assert "public_prior" in r.stdout and SECRET not in r.stdout
 
 
 def test_extraction_task_is_refused_cleanly(good: Path) -> None:
