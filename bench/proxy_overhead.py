@@ -42,13 +42,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from _sections import replace_section  # bench/ is sys.path[0] when a script runs
 
 if TYPE_CHECKING:
     from dp_decoding.engines.embedded import EmbeddedEngine
 
 REPO = Path(__file__).resolve().parents[1]
-START_MARK = "<!-- proxy_overhead:start -->"
-END_MARK = "<!-- proxy_overhead:end -->"
 SECTION_TITLE = "## Proxy overhead, load and admission latency (issue: the OpenAI-compatible proxy)"
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 OVERHEAD_GOAL = 1.10
@@ -765,22 +764,6 @@ def render(
     return "\n".join(out) + "\n"
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Replace (or append) this benchmark's marked section; everything else is kept."""
-    block = f"{START_MARK}\n{section.rstrip()}\n{END_MARK}\n"
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        a, b = text.find(START_MARK), text.find(END_MARK)
-        if a != -1 and b > a:
-            text = text[:a] + block + text[b + len(END_MARK) :].lstrip("\n")
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-    else:
-        text = "# Benchmarks\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-
-
 # -- main -----------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -906,7 +889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     section = render(args, command, started, machine, ov, load, adm, loadavg, gate)
     print(section)
     if args.out:
-        replace_section(args.out, section)
+        replace_section(args.out, "proxy_overhead", section)
         log(f"wrote {args.out}")
     return 0
 

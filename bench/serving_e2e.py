@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from _sections import replace_section  # bench/ is sys.path[0] when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-START_MARK = "<!-- serving_e2e:start -->"
-END_MARK = "<!-- serving_e2e:end -->"
 MODEL = "SmolLM2-135M-Instruct"
 TOPICS = ["the sea", "a dragon", "Paris", "a robot", "the moon", "a cat", "winter", "a train"]
 _T0 = time.perf_counter()
@@ -193,21 +192,6 @@ def render(results: list[EngineResult], n: int, max_tokens: int, load: tuple[str
     return "\n".join(out) + "\n"
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Replace (or append) this benchmark's marked section; everything else is kept."""
-    block = f"{START_MARK}\n{section.rstrip()}\n{END_MARK}\n"
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        a, b = text.find(START_MARK), text.find(END_MARK)
-        if a != -1 and b > a:
-            text = text[:a] + block + text[b + len(END_MARK) :].lstrip("\n")
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-    else:
-        text = "# Benchmarks\n\n" + block
-    path.write_text(text, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=16, help="concurrent requests (16)")
@@ -225,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     md = render(results, args.n, args.max_tokens, (load0, f"{os.getloadavg()[0]:.1f}"))
     print(md)
     if args.out:
-        replace_section(args.out, md)
+        replace_section(args.out, "serving_e2e", md)
     return 0
 
 

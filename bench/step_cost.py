@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+from _sections import replace_section  # bench/ is sys.path[0] when a script runs
 
 if TYPE_CHECKING:
     from dp_decoding.engines.embedded import EmbeddedEngine
@@ -46,8 +47,6 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path("..") / "shared" / "data" / "agnews" / "train.jsonl"
 LABEL = "World"
-START_MARK = "<!-- step_cost:start -->"
-END_MARK = "<!-- step_cost:end -->"
 SECTION_TITLE = "## Generation step cost (issue: the private generation core)"
 RATIO_GOAL = 1.3
 NAIVE_GOAL = 5.0
@@ -519,21 +518,6 @@ def pct(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{100 * x:.0f}%"
 
 
-def replace_section(path: Path, section: str) -> None:
-    block = f"{START_MARK}\n{section.rstrip()}\n{END_MARK}\n"
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        a, b = text.find(START_MARK), text.find(END_MARK)
-        if a != -1 and b > a:
-            text = text[:a] + block + text[b + len(END_MARK) :].lstrip("\n")
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-    else:
-        text = "# Benchmarks\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-
-
 # -- main -------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -887,7 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(section)
     if args.out:
         out = args.out if args.out.is_absolute() else Path.cwd() / args.out
-        replace_section(out, section)
+        replace_section(out, "step_cost", section)
         log(f"wrote {out}")
     log(f"done in {time.perf_counter() - _T0:.0f}s")
     return 0

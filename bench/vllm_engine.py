@@ -35,11 +35,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _sections import replace_section  # bench/ is sys.path[0] when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-START_MARK = "<!-- vllm_engine:start -->"
-END_MARK = "<!-- vllm_engine:end -->"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "agnews" / "train.jsonl"
 _T0 = time.perf_counter()
 
@@ -142,17 +141,6 @@ def run_plain(engine, prompts, T: int) -> float:  # type: ignore[no-untyped-def]
     return T / (time.perf_counter() - t0)
 
 
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    section = f"{START_MARK}\n{body.rstrip()}\n{END_MARK}"
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        text = head + section + rest.split(END_MARK, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def report(args, start_s: float, rows: list) -> None:  # type: ignore[no-untyped-def]
     """Print the table (after every M, so a cut-off run still leaves its rows)."""
     lines = [
@@ -190,7 +178,7 @@ def report(args, start_s: float, rows: list) -> None:  # type: ignore[no-untyped
     body = "\n".join(lines)
     print(body)
     if args.out:
-        write_section(args.out, body)
+        replace_section(args.out, "vllm_engine", body)
 
 
 def main() -> None:
