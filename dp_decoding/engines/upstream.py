@@ -73,6 +73,7 @@ import httpx
 import numpy as np
 
 from dp_decoding.engines.hf_tokenizer import HFTokenizerMixin
+from dp_decoding.engines.resubmitted_rows import ResubmittedRows
 
 CandidateMode = Literal["logprob_token_ids", "logit_bias"]
 ServerKind = Literal["vllm", "openai"]
@@ -495,7 +496,7 @@ class UpstreamEngine:
         return ids[0] if len(ids) == 1 else None
 
 
-class UpstreamBatch:
+class UpstreamBatch(ResubmittedRows):
     """Rows of one generation, kept client-side and resubmitted whole each step (the server's
     prefix cache, salted per batch, does the reuse). A second read of the same step with the
     same candidates is served from memory, without a request."""
@@ -504,20 +505,15 @@ class UpstreamBatch:
         self, engine: UpstreamEngine, prompts: Sequence[Sequence[int]], salt: str, public: bool
     ) -> None:
         self._engine = engine
-        self._rows: list[list[int]] | None = [[int(t) for t in p] for p in prompts]
+        super().__init__(prompts)
         self.cache_salt = salt
         self.public = public
         self._memo: dict[bytes | None, np.ndarray] = {}
 
-    @property
-    def rows(self) -> int:
-        return 0 if self._rows is None else len(self._rows)
-
     def logprobs(self, candidates: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """``[rows, K]`` log-probabilities of ``candidates`` (see the module docstring for
         the normalisation in each ``candidate_mode``); ``None`` only on a public batch."""
-        if self._rows is None:
-            raise RuntimeError("batch is closed")
+        self._live_rows()
         eng = self._engine
         if candidates is None:
             if not self.public:
@@ -544,12 +540,7 @@ class UpstreamBatch:
         return self._memo[memo_key]
 
     def append(self, tokens: Sequence[int]) -> None:
-        if self._rows is None:
-            raise RuntimeError("batch is closed")
-        if len(tokens) != len(self._rows):
-            raise ValueError(f"append() needs one token per row ({self.rows}), got {len(tokens)}")
-        for row, t in zip(self._rows, tokens, strict=True):
-            row.append(int(t))
+        self._extend(tokens)
         self._memo.clear()
 
     def close(self) -> None:

@@ -48,6 +48,7 @@ import numpy as np
 
 from dp_decoding.engines.hf_tokenizer import HFTokenizerMixin
 from dp_decoding.engines.model_files import MODEL_NAME, ensure_model_dir
+from dp_decoding.engines.resubmitted_rows import ResubmittedRows
 from dp_decoding.engines.vllm_aggregate import (
     AGG_KEY,
     AggregationJob,
@@ -317,23 +318,18 @@ class VLLMEngine(HFTokenizerMixin):
         return (full if candidates is None else full[:, candidates]), cached
 
 
-class VLLMBatch:
+class VLLMBatch(ResubmittedRows):
     """Rows of one generation, resubmitted each step with this batch's own cache salt."""
 
     def __init__(self, engine: VLLMEngine, prompts: Sequence[Sequence[int]], salt: str) -> None:
         self._engine = engine
-        self._rows: list[list[int]] | None = [[int(t) for t in p] for p in prompts]
+        super().__init__(prompts)
         self.cache_salt = salt
         self._cached: np.ndarray | None = None  # full-vocabulary result of the current step
         self.last_cached_tokens: list[int] = []  # prefix-cache hits of the last engine call
 
-    @property
-    def rows(self) -> int:
-        return 0 if self._rows is None else len(self._rows)
-
     def logprobs(self, candidates: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-        if self._rows is None:
-            raise RuntimeError("batch is closed")
+        self._live_rows()
         cand = None if candidates is None else np.asarray(candidates, dtype=np.int64)
         if self._cached is not None:
             return self._cached if cand is None else self._cached[:, cand]
@@ -343,12 +339,7 @@ class VLLMBatch:
         return lp
 
     def append(self, tokens: Sequence[int]) -> None:
-        if self._rows is None:
-            raise RuntimeError("batch is closed")
-        if len(tokens) != len(self._rows):
-            raise ValueError(f"append() needs one token per row ({self.rows}), got {len(tokens)}")
-        for row, t in zip(self._rows, tokens, strict=True):
-            row.append(int(t))
+        self._extend(tokens)
         self._cached = None
 
     def close(self) -> None:
