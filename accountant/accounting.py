@@ -70,7 +70,8 @@ def epsilon(event: JobEvent, delta: float) -> float:
 
     * gaussian (both regimes): :func:`epsilon_pld` (exact closed form when fixed).
     * exponential, fixed: min(PLD of the composed pure ε0-DP dominating pair, zCDP ε0²/8 per
-      step converted to (ε, δ)); the minimum of two valid bounds is valid.
+      step converted to (ε, δ)); the minimum of two valid bounds is valid. Gated: the PLD
+      composes 2·steps pure ε0-DP mechanisms; the RDP side is :func:`rdp_curve`'s.
     * exponential, resampled: :func:`epsilon_pld` of the amplified pure ε'-DP steps (exact up
       to the PLD's pessimistic rounding).
 
@@ -111,7 +112,8 @@ def rdp_curve(event: JobEvent, orders: Sequence[float] = DEFAULT_ORDERS) -> np.n
     Rényi filter sums.
 
     * gaussian: dp_accounting's ``RdpAccountant`` (add/remove) composing ``event.dp_event()``.
-    * exponential, fixed: steps · ε0²/8 · α (bounded range ⇒ zCDP), through the same accountant.
+    * exponential, fixed: steps · ε0²/8 · α (bounded range ⇒ zCDP), through the same accountant;
+      gated: plus steps · D_α(ε0-randomized response) for the AboveThreshold instances.
     * exponential, resampled: steps · D_α(ε'-randomized response), the tight RDP curve of a
       pure ε'-DP step (closed form in :mod:`accountant.renyi`).
     """
@@ -162,7 +164,7 @@ def _epsilon_pld(event: JobEvent, delta: float) -> float:
         # Small ε: the grid is refined in proportion, so the relative slack stays ~0.1%.
         interval = PLD_VALUE_DISCRETIZATION * max(coarse, _MIN_RELATIVE_INTERVAL)
         return min(coarse, _pld_accountant_epsilon(event, delta, interval))
-    return _pure_dp_composition_epsilon(event.step_epsilon, event.steps, delta)
+    return _pure_dp_composition_epsilon(event.step_epsilon, event.pure_steps, delta)
 
 
 def _pld_accountant_epsilon(event: JobEvent, delta: float, interval: float) -> float:
@@ -199,6 +201,11 @@ def _pure_dp_composition_epsilon(step_epsilon: float, steps: int, delta: float) 
 def _rdp_curve(event: JobEvent, orders: tuple[float, ...]) -> tuple[float, ...]:
     if event.mechanism == "exponential" and event.regime == "resampled":
         values = event.steps * randomized_response_rdp(event.step_epsilon, orders)
+    elif event.gated:
+        assert event.epsilon0 is not None
+        alphas = np.asarray(orders, dtype=np.float64)
+        selections = event.steps * event.epsilon0**2 / 8.0 * alphas
+        values = selections + event.steps * randomized_response_rdp(event.epsilon0, orders)
     else:
         accountant = rdp.RdpAccountant(orders=list(orders), neighboring_relation=_NEIGHBOURS)
         accountant.compose(event.dp_event())

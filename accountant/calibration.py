@@ -40,9 +40,12 @@ def calibrate(
     target_epsilon: float,
     delta: float,
     q: float | None = None,
+    *,
+    gated: bool = False,
 ) -> float:
     """Smallest noise_multiplier (gaussian) or largest epsilon0 (exponential) such that
-    ``epsilon(JobEvent(...), delta) <= target_epsilon``.
+    ``epsilon(JobEvent(...), delta) <= target_epsilon``. ``gated``: the exponential job with
+    the public-token gate (``steps`` rounds of AboveThreshold + selection, both at ε0).
 
     GUARANTEED ≤ target (never "within tolerance above"), and within 1% of the optimum:
 
@@ -84,10 +87,11 @@ def calibrate(
         return 1.0 / inverse
 
     def epsilon0_feasible(epsilon0: float) -> bool:
-        event = JobEvent("exponential", regime, count, epsilon0=epsilon0, q=q)
+        event = JobEvent("exponential", regime, count, epsilon0=epsilon0, q=q, gated=gated)
         return epsilon(event, delta) <= target
 
-    return _largest_feasible(epsilon0_feasible, _exponential_guess(count, target, delta, q))
+    guess = _exponential_guess(count * (5 if gated else 1), target, delta, q)
+    return _largest_feasible(epsilon0_feasible, guess)
 
 
 def _largest_feasible(feasible: Callable[[float], bool], guess: float) -> float:

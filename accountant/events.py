@@ -28,7 +28,15 @@ from .validation import (
 Mechanism = Literal["gaussian", "exponential"]
 Regime = Literal["fixed", "resampled"]
 
-_FIELDS: tuple[str, ...] = ("mechanism", "regime", "steps", "noise_multiplier", "epsilon0", "q")
+_FIELDS: tuple[str, ...] = (
+    "mechanism",
+    "regime",
+    "steps",
+    "noise_multiplier",
+    "epsilon0",
+    "q",
+    "gated",
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,11 @@ class JobEvent:
       None.
     * resampled: ``q`` (Poisson sampling probability per step) is in (0, 1]; fixed: ``q`` is
       None.
+    * ``gated`` (exponential, fixed only): the public-token gate. Each of the ``steps`` rounds
+      is one AboveThreshold instance (Dwork & Roth 2014, Thm. 3.23: ε0-DP for queries of
+      sensitivity 1, however many "below" answers it gives before its one "above") followed by
+      one exponential selection (ε0-bounded-range). Tokens released on "below" answers are the
+      public model's and cost nothing beyond the instance that answered them.
 
     Numbers are normalised to built-in ``int``/``float`` so that equal events hash equally and
     ``to_dict`` is JSON-serialisable.
@@ -57,6 +70,7 @@ class JobEvent:
     noise_multiplier: float | None = None
     epsilon0: float | None = None
     q: float | None = None
+    gated: bool = False
 
     def __post_init__(self) -> None:
         check_choice("mechanism", self.mechanism, MECHANISMS)
@@ -72,6 +86,18 @@ class JobEvent:
                 raise ValueError("noise_multiplier must be None for the exponential mechanism")
             object.__setattr__(self, "epsilon0", check_positive("epsilon0", self.epsilon0))
         object.__setattr__(self, "q", check_sampling_probability(self.regime, self.q))
+        if self.gated is None:  # ledger rows written before the gate existed
+            object.__setattr__(self, "gated", False)
+        if not isinstance(self.gated, bool):
+            raise ValueError(f"gated must be true or false; got {self.gated!r}")
+        if self.gated and (self.mechanism != "exponential" or self.regime != "fixed"):
+            raise ValueError("the public-token gate is defined for the fixed exponential job only")
+
+    @property
+    def pure_steps(self) -> int:
+        """Exponential only: how many pure ``step_epsilon``-DP mechanisms the job composes
+        (``steps``; twice that when gated: an AboveThreshold instance and a selection each)."""
+        return 2 * self.steps if self.gated else self.steps
 
     @property
     def step_epsilon(self) -> float:
@@ -111,6 +137,9 @@ class JobEvent:
         * gaussian resampled: ``SelfComposed(PoissonSampled(q, Gaussian(σ)), steps)``.
         * exponential fixed: ``SelfComposed(ZCDp(ε0²/8), steps)``: the exponential mechanism
           is ε0-bounded-range (Durfee & Rogers 2019), hence ε0²/8-zCDP (Cesar & Rogers 2021).
+          Gated: composed with ``SelfComposed(ZCDp(ε0²/2), steps)`` for the AboveThreshold
+          instances (ε0-DP ⇒ ε0²/2-zCDP, Bun & Steinke 2016); ``accounting.rdp_curve`` uses
+          the tighter randomized-response curve for them instead.
         * exponential resampled: ``SelfComposed(RandomizedResponse(2/(1+e^ε'), 2), steps)``
           with ε' the amplified step ε: binary randomized response is the dominating pair of
           any ε'-DP step. dp_accounting accepts this event only under REPLACE_ONE adjacency;
@@ -125,6 +154,14 @@ class JobEvent:
         elif self.regime == "fixed":
             assert self.epsilon0 is not None
             inner = dp_accounting.ZCDpEvent(rho=self.epsilon0**2 / 8.0)
+            if self.gated:
+                gate = dp_accounting.ZCDpEvent(rho=self.epsilon0**2 / 2.0)
+                return dp_accounting.ComposedDpEvent(
+                    [
+                        dp_accounting.SelfComposedDpEvent(inner, self.steps),
+                        dp_accounting.SelfComposedDpEvent(gate, self.steps),
+                    ]
+                )
         else:
             noise = 2.0 / (1.0 + math.exp(min(self.step_epsilon, 700.0)))
             inner = dp_accounting.RandomizedResponseDpEvent(noise_parameter=noise, num_buckets=2)

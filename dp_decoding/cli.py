@@ -120,6 +120,23 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, need_data: bool) -> None:
         "at small ε, see docs/results.md)",
     )
     p.add_argument(
+        "--gate-cutoff",
+        type=int,
+        default=None,
+        metavar="C",
+        help="public-token gate (fixed regime, exponential, public-topk): at most C private "
+        "tokens per demonstration, the others taken from the public model where an "
+        "AboveThreshold test finds the private vote close to it; the plan charges C rounds "
+        "(gate + selection) instead of max-tokens steps",
+    )
+    p.add_argument(
+        "--gate-threshold",
+        type=float,
+        default=None,
+        metavar="THETA",
+        help="the gate's threshold as a total-variation distance in (0, 1] (default 0.5)",
+    )
+    p.add_argument(
         "--example-token-limit",
         type=int,
         default=d["example_token_limit"],
@@ -182,6 +199,8 @@ def _plan_from_args(args: argparse.Namespace, records: list[Record] | None) -> P
         candidates=args.candidates,
         top_k=args.top_k,
         public_prior=args.public_prior,
+        gate_cutoff=args.gate_cutoff,
+        gate_threshold=args.gate_threshold,
         example_token_limit=args.example_token_limit,
         privacy_unit=args.privacy_unit,
         task=args.task,
@@ -211,6 +230,8 @@ def describe_plan(plan: Plan) -> str:
         "candidates",
         "top_k",
         "public_prior",
+        "gate_cutoff",
+        "gate_threshold",
         "example_token_limit",
         "privacy_unit",
         "steps",

@@ -7,7 +7,10 @@ Guarantees kept here (each is tested):
   declaration — never from the private prompts;
 - each (demonstration, position) gets exactly one noisy selection and nothing but the chosen
   token leaves this module (no scores, no counts, no per-prompt outputs);
-- records with an undeclared label are dropped without saying how many.
+- records with an undeclared label are dropped without saying how many;
+- with the public-token gate, a position takes either one gate answer (plus, when "above",
+  one selection) or, once the demonstration's ``c`` private tokens are spent, one public draw;
+  which positions were private is not reported.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class _Group:
     public: list[int]
     generated: list[int] = field(default_factory=list)
     done: bool = False
+    gate_threshold: float | None = None  # the open AboveThreshold instance's noisy threshold
+    private_tokens: int = 0  # gate "above" answers so far (never leaves this module)
 
 
 class DemoGenerator:
@@ -97,6 +102,7 @@ class DemoGenerator:
         self.in_engine = in_engine
         self.fallback_groups = 0  # in-engine groups continued by the step loop (lockstep broke)
         self.mechanism: Mechanism = plan.mechanism_obj()
+        self.gate = plan.gate_obj()
         nl = engine.tokenize("\n")
         self._stop_ids = frozenset(engine.eos_token_ids) | frozenset(nl[-1:])
         self._newline_tokens: dict[int, bool] = {}
@@ -191,6 +197,35 @@ class DemoGenerator:
             prior = pub[cand]
         idx = self.mechanism.select(aggregate(lp), self.rng, prior)
         return int(idx if cand is None else cand[idx])
+
+    def _decide(
+        self, g: _Group, lp: np.ndarray, cand: np.ndarray | None, pub: np.ndarray | None
+    ) -> int:
+        """The token of one (demonstration, position): the plain selection, or through the
+        public-token gate (fixed regime): while the demonstration has private tokens left, one
+        AboveThreshold answer on the distance between the private vote and the public
+        prediction; "above" runs the selection, "below" (and every position after the
+        cutoff) takes a public draw."""
+        gate = self.gate
+        if gate is None:
+            return self._select(lp, cand, pub)
+        assert cand is not None and pub is not None
+        if g.private_tokens < gate.cutoff:
+            if g.gate_threshold is None:
+                g.gate_threshold = gate.new_threshold(self.plan.M, self.rng)
+            distance = gate.distance(aggregate(lp), pub[cand])
+            if gate.above(distance, g.gate_threshold, self.rng):
+                g.private_tokens += 1
+                g.gate_threshold = None  # the next private token needs a new instance
+                return self._select(lp, cand, pub)
+        return self._public_token(cand, pub)
+
+    def _public_token(self, cand: np.ndarray, pub: np.ndarray) -> int:
+        """A draw from the public prompt's distribution over the candidates (temperature 1):
+        data-free given the released prefix, so it costs nothing."""
+        z = np.asarray(pub[cand], dtype=np.float64)
+        z = np.where(np.isfinite(z), z, -np.inf)
+        return int(cand[int(np.argmax(z + self.rng.gumbel(size=z.shape)))])
 
     def _step_logprobs(
         self, batch: Batch, wave: list[_Group], pub_lp: np.ndarray | None
@@ -291,7 +326,8 @@ class DemoGenerator:
                 for gi, g in enumerate(wave):
                     if not g.done:
                         rows = lp[gi * M : (gi + 1) * M]
-                        tok = self._select(
+                        tok = self._decide(
+                            g,
                             _columns(rows, cands[gi], cols[gi]),
                             cands[gi],
                             None if pub_lp is None else pub_lp[gi],

@@ -78,12 +78,57 @@ class ExponentialMechanism:
             logits = logits + self.prior_weight * np.asarray(prior, dtype=np.float64)
         return int(np.argmax(logits + rng.gumbel(size=s.shape)))
 
-    def event(self, steps: int, q: float | None) -> JobEvent:
+    def event(self, steps: int, q: float | None, *, gated: bool = False) -> JobEvent:
         regime = "resampled" if q is not None else "fixed"
-        return JobEvent("exponential", regime, steps, epsilon0=self.epsilon0, q=q)
+        return JobEvent("exponential", regime, steps, epsilon0=self.epsilon0, q=q, gated=gated)
 
 
 Mechanism = GaussianNoisyArgmax | ExponentialMechanism
+
+GATE_SENSITIVITY = 1.0
+
+
+@dataclass(frozen=True)
+class PublicTokenGate:
+    """AboveThreshold (Dwork & Roth 2014, Alg. 1 / Thm. 3.23) on the distance between the
+    private vote and the public prediction; one instance per private token (DESIGN.md §3).
+
+    The query at a position is ``d = ½‖s − M·p_pub‖₁ = M·TV(s/M, p_pub)`` over the candidates
+    (``s`` the summed, candidate-renormalised private distributions, ``p_pub`` the public
+    prompt's, renormalised the same way). One unit changes one ``p_i``, so ``d`` moves by at
+    most ``½‖p_i − p_i'‖₁ ≤ 1``: sensitivity 1 (not monotone, hence the 4/ε query noise).
+
+    An instance draws its noisy threshold ``θ·M + Lap(2/ε)`` once (:meth:`new_threshold`) and
+    answers each query with ``d + Lap(4/ε) ≥`` that threshold (:meth:`above`); it stops at its
+    first "above". The instance is ε-DP however many "below" answers it gives; at "below" the
+    position takes a token from the public distribution (data-free given the released prefix),
+    at "above" the private selection runs and a new instance starts. At most ``cutoff``
+    instances run per demonstration; the plan charges all of them (``JobEvent.gated``).
+    """
+
+    epsilon: float
+    threshold: float
+    """θ as a fraction of M (a total-variation distance in [0, 1]); declared."""
+    cutoff: int
+
+    def distance(self, scores: np.ndarray, public_logprobs: np.ndarray) -> float:
+        """``M·TV`` between the summed private distributions and the public one."""
+        s = np.asarray(scores, dtype=np.float64)
+        lp = np.asarray(public_logprobs, dtype=np.float64)
+        w = np.exp(lp - lp.max()) if np.isfinite(lp.max()) else np.ones_like(lp)
+        pub = w / w.sum()
+        return 0.5 * float(np.abs(s - s.sum() * pub).sum())
+
+    def new_threshold(self, members: int, rng: np.random.Generator) -> float:
+        if math.isinf(self.epsilon):
+            return self.threshold * members
+        return self.threshold * members + rng.laplace(0.0, 2.0 * GATE_SENSITIVITY / self.epsilon)
+
+    def above(self, distance: float, noisy_threshold: float, rng: np.random.Generator) -> bool:
+        if math.isinf(self.epsilon):
+            return distance >= noisy_threshold
+        noise = rng.laplace(0.0, 4.0 * GATE_SENSITIVITY / self.epsilon)
+        return distance + noise >= noisy_threshold
 
 
 def aggregate(logprobs: np.ndarray) -> np.ndarray:

@@ -10,6 +10,8 @@ Composition (what ``steps`` counts, for one privacy unit's worst case):
   demonstration: ``T`` unsampled steps (batches and labels compose in parallel);
 - resampled regime: every demonstration of the unit's label may sample it: ``shots · T``
   Poisson-subsampled steps (labels compose in parallel);
+- public-token gate (fixed regime): ``c`` rounds instead of ``T`` steps, each one
+  AboveThreshold instance plus one selection (the other positions take public tokens);
 - user-level privacy: a user may hold records of every label, so labels compose
   sequentially: multiply by the number of labels.
 """
@@ -28,6 +30,7 @@ from dp_decoding.mechanisms import (
     ExponentialMechanism,
     GaussianNoisyArgmax,
     Mechanism,
+    PublicTokenGate,
 )
 
 Regime = Literal["fixed", "resampled"]
@@ -83,6 +86,11 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
     public_prior: float = 0.0
     """λ of the exponential mechanism's public prior (0 = none); public top-k candidates only."""
+    gate_cutoff: int | None = None
+    """c of the public-token gate (None = no gate): at most c private tokens per
+    demonstration; the others are the public model's. Fixed regime, exponential, public top-k."""
+    gate_threshold: float | None = None
+    """θ of the gate, as a total-variation distance in (0, 1] (the threshold is θ·M)."""
 
     # -- privacy ---------------------------------------------------------------------------
     @property
@@ -91,7 +99,16 @@ class Plan:
 
     def event(self) -> JobEvent:
         """The dominating event of the job (one unit's worst case)."""
+        if self.gate_cutoff is not None:
+            return ExponentialMechanism(self.epsilon0 or 0.0).event(self.steps, None, gated=True)
         return self.mechanism_obj().event(self.steps, self.q)
+
+    def gate_obj(self) -> PublicTokenGate | None:
+        """The gate's AboveThreshold, at the selection's ε0 (declared equal split)."""
+        if self.gate_cutoff is None:
+            return None
+        assert self.epsilon0 is not None and self.gate_threshold is not None
+        return PublicTokenGate(self.epsilon0, self.gate_threshold, self.gate_cutoff)
 
     def mechanism_obj(self) -> Mechanism:
         if self.mechanism == "gaussian":
@@ -138,7 +155,10 @@ class Plan:
             if self.mechanism == "gaussian"
             else "exponential mechanism: "
             + (
-                "bounded range (ε0²/8 zCDP) vs pure-DP PLD, the smaller"
+                "public-token gate: c rounds of AboveThreshold (ε0-DP) + selection "
+                "(ε0-bounded-range); RDP vs pure-DP PLD, the smaller"
+                if self.gate_cutoff is not None
+                else "bounded range (ε0²/8 zCDP) vs pure-DP PLD, the smaller"
                 if self.regime == "fixed"
                 else "pure DP amplified by Poisson sampling, then PLD"
             )
@@ -173,6 +193,8 @@ def make_plan(
     task: str = "generic",
     model: str = "",
     public_prior: float = 0.0,
+    gate_cutoff: int | None = None,
+    gate_threshold: float | None = None,
 ) -> Plan:
     """Validate declared parameters and calibrate the noise to ``epsilon`` at ``delta``."""
     labels = tuple(dict.fromkeys(str(x) for x in labels))
@@ -215,7 +237,20 @@ def make_plan(
             mechanism == "exponential" and candidates == "public-topk",
             "public-prior needs the exponential mechanism and public top-k candidates",
         )
-    steps_per_demo = max_tokens
+    if gate_cutoff is not None or gate_threshold is not None:
+        _check(
+            regime == "fixed" and mechanism == "exponential" and candidates == "public-topk",
+            "the public-token gate needs the fixed regime, the exponential mechanism and "
+            "public top-k candidates",
+        )
+        _check(gate_cutoff is not None, "the gate needs a declared cutoff (gate-cutoff)")
+        _check(
+            isinstance(gate_cutoff, int) and 1 <= gate_cutoff <= max_tokens,  # type: ignore[operator]
+            "gate-cutoff must be an integer between 1 and max-tokens",
+        )
+        gate_threshold = 0.5 if gate_threshold is None else float(gate_threshold)
+        _check(0 < gate_threshold <= 1, "gate-threshold must be in (0, 1] (a TV distance)")
+    steps_per_demo = max_tokens if gate_cutoff is None else gate_cutoff
     steps = steps_per_demo if regime == "fixed" else shots * steps_per_demo
     notes: list[str] = []
     if privacy_unit == "user":
@@ -233,7 +268,9 @@ def make_plan(
         sigma = nm * sensitivity
     else:
         sensitivity = EXPONENTIAL_SENSITIVITY
-        eps0 = calibrate("exponential", regime, steps, epsilon, delta, q=q)
+        eps0 = calibrate(
+            "exponential", regime, steps, epsilon, delta, q=q, gated=gate_cutoff is not None
+        )
     return Plan(
         labels=labels,
         labels_source=labels_source,  # type: ignore[arg-type]
@@ -260,6 +297,8 @@ def make_plan(
         model=model,
         notes=tuple(notes),
         public_prior=float(public_prior),
+        gate_cutoff=gate_cutoff,
+        gate_threshold=gate_threshold,
     )
 
 

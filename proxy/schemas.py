@@ -104,6 +104,9 @@ class DemonstrationJobRequest(_Body):
     examples_per_prompt: int | None = Field(default=None, ge=1, le=64)
     candidates: Literal["public-topk", "all"] = "public-topk"
     top_k: int | None = Field(default=None, ge=1, le=1000)
+    public_prior: float = Field(default=0.0, ge=0, le=16)
+    gate_cutoff: int | None = Field(default=None, ge=1, le=512)
+    gate_threshold: float | None = Field(default=None, gt=0, le=1)
     task: Literal["generic", "agnews", "dbpedia", "trec"] = "generic"
     privacy_unit: Literal["record", "user"] = "record"
 

@@ -26,6 +26,17 @@ def _client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
 
 
+async def _upload(c: httpx.AsyncClient, headers: dict[str, str]) -> httpx.Response:
+    """A six-record, two-label dataset."""
+    rows = "\n".join(json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}) for i in range(6))
+    return await c.post(
+        "/v1/private/datasets",
+        data={"name": "d"},
+        headers=headers,
+        files={"file": ("d.jsonl", rows.encode())},
+    )
+
+
 def test_storage_failure_during_admission_is_503_and_nothing_runs(tmp_path: Path) -> None:
     store = Store.open(f"sqlite:///{tmp_path / 'a.db'}")
     _, key = store.create_tenant("t", 8.0, 1e-6)
@@ -38,13 +49,7 @@ def test_storage_failure_during_admission_is_503_and_nothing_runs(tmp_path: Path
     async def go() -> httpx.Response:
         async with _client(app) as c:
             h = {"Authorization": f"Bearer {key}"}
-            rows = "\n".join(json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}) for i in range(6))
-            ds = await c.post(
-                "/v1/private/datasets",
-                data={"name": "d"},
-                headers=h,
-                files={"file": ("d.jsonl", rows.encode())},
-            )
+            ds = await _upload(c, h)
             store.admit_job = broken_admit  # type: ignore[method-assign]
             return await c.post(
                 "/v1/private/demonstrations",
@@ -76,4 +81,52 @@ def test_unknown_route_and_method_are_openai_shaped(tmp_path: Path) -> None:
         "code",
     }
     assert method.status_code == 405 and "error" in method.json()
+    store.close()
+
+
+def test_gated_plan_through_the_api_is_charged_as_gated(tmp_path: Path) -> None:
+    """The gate's parameters reach the plan; the ledger stores the gated event (c rounds) and
+    the budget spent is that event's ε; an inconsistent gate is a 400 naming the problem."""
+    store = Store.open(f"sqlite:///{tmp_path / 'g.db'}")
+    _, key = store.create_tenant("t", 8.0, 1e-6)
+    app = create_app(store, _Engine(), run_jobs=False)
+    job = {
+        "epsilon": 2.0,
+        "mechanism": "exponential",
+        "max_tokens": 20,
+        "prompts": 4,
+        "public_prior": 1.0,
+        "gate_cutoff": 5,
+        "gate_threshold": 0.4,
+    }
+
+    async def go() -> tuple[httpx.Response, ...]:
+        async with _client(app) as c:
+            h = {"Authorization": f"Bearer {key}"}
+            ds = await _upload(c, h)
+            ds_id = ds.json()["id"]
+            plan = await c.post(
+                "/v1/private/demonstrations/plan", headers=h, json={"dataset": ds_id, **job}
+            )
+            made = await c.post(
+                "/v1/private/demonstrations",
+                headers=h,
+                json={"dataset": ds_id, "name": "g", **job},
+            )
+            bad = await c.post(
+                "/v1/private/demonstrations/plan",
+                headers=h,
+                json={"dataset": ds_id, **job, "regime": "resampled", "q": 0.1},
+            )
+            budget = await c.get("/v1/private/budget", headers=h)
+            return plan, made, bad, budget
+
+    plan, made, bad, budget = asyncio.run(go())
+    assert plan.status_code == 200 and made.status_code == 200
+    p = plan.json()["plan"]
+    assert p["gate_cutoff"] == 5 and p["gate_threshold"] == 0.4 and p["public_prior"] == 1.0
+    assert p["event"]["gated"] is True and p["event"]["steps"] == 5
+    assert bad.status_code == 400 and "gate" in bad.json()["error"]["message"]
+    assert budget.json()["epsilon_spent"] <= 2.0 + 1e-9
+    assert budget.json()["epsilon_spent"] >= plan.json()["epsilon"] - 1e-6
     store.close()

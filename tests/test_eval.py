@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from dp_decoding.evaluation.runner import EvalConfig, cell_key, load_task, run_cell, run_eval
+from dp_decoding.evaluation.runner import (
+    METHODS,
+    EvalConfig,
+    cell_key,
+    load_task,
+    run_cell,
+    run_eval,
+)
 from dp_decoding.evaluation.scoring import split_prompt
 from prompts import answer_prompt, get_task
 
@@ -34,6 +41,7 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:  # typ
         shots=[4],
         out=tmp_path / "run",
         override={"M": 2, "T": 6},
+        methods=list(METHODS),
         seed_mode="fixed",
         quiet=True,
     )
@@ -42,10 +50,12 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:  # typ
     for name in ("results.json", "results.md", "accuracy_vs_epsilon.png", "cache.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     doc = json.loads((out / "results.json").read_text())
-    # 2 zero-shot + real + public + 3 DP methods (paper, best, blend) × 2 ε
-    assert len(doc["cells"]) == 10
+    # 2 zero-shot + real + public + paper, best, wide × 2 ε + blend, gate × 1 ε (no ε = ∞
+    # cell: there they would repeat 'best')
+    assert len(doc["cells"]) == 12
     summ = doc["summary"]["trec"]
-    assert set(summ["4"]) == {"real", "public", "paper", "best", "blend"}
+    assert set(summ["4"]) == {"real", "public", "paper", "best", "blend", "wide", "gate"}
+    assert set(summ["4"]["gate"]) == {"1"} and set(summ["4"]["blend"]) == {"1"}
     assert set(summ["4"]["paper"]) == {"1", "inf"} and set(summ["0"]) == {
         "zero-shot",
         "zero-shot-chat",
@@ -54,13 +64,15 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:  # typ
         r = cell["result"]
         assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 20
         assert r["calibrated"] is not None
-        if cell["cell"]["method"] in ("paper", "best", "blend") and cell["cell"]["epsilon"] == "1":
+        if cell["cell"]["epsilon"] == "1":
             assert r["epsilon_achieved"] <= 1.0
-    # table: one row per method (7), one column per ε plus the method and "no DP" columns
+    gate = next(c["cell"] for c in doc["cells"] if c["cell"]["method"] == "gate")
+    assert gate["settings"]["gate_cutoff"] == 5 and gate["settings"]["M"] == 2
+    # table: one row per method (9), one column per ε plus the method and "no DP" columns
     md = (out / "results.md").read_text()
     table = md.split("## trec, 4 demonstrations, calibrated")[1].split("\n\n")[2]
     rows = [line for line in table.splitlines() if line.startswith("|")][2:]
-    assert len(rows) == 7 and all(line.count("|") == 5 for line in rows)
+    assert len(rows) == 9 and all(line.count("|") == 5 for line in rows)
     # resumable: nothing is recomputed
     again = run_eval(cfg, engine_factory=lambda: engine)
     assert again["cells_computed_this_sitting"] == 0

@@ -79,8 +79,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             lines.append("|---|---|---|---|---|---|")
             for m in DP_METHODS:
                 st = info["settings"][m]
-                desc = f"M={st['M']} N={st['N']} T={st['T']}" + (
-                    f" q={st['q']:.4g}" if st.get("q") else ""
+                desc = (
+                    f"M={st['M']} N={st['N']} T={st['T']}"
+                    + (f" q={st['q']:.4g}" if st.get("q") else "")
+                    + (f" c={st['gate_cutoff']}" if st.get("gate_cutoff") else "")
                 )
                 for e in eps_cols:
                     ent = by_method.get(m, {}).get(e)
@@ -120,7 +122,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
             continue
         c = colors[i % len(colors)]
         by_method = by_shots[shots]
-        for m, style in (("paper", "-o"), ("best", "--s"), ("blend", ":d"), ("wide", "-.^")):
+        for m, style in (
+            ("paper", "-o"),
+            ("best", "--s"),
+            ("blend", ":d"),
+            ("wide", "-.^"),
+            ("gate", "--v"),
+        ):
             pts = [(x, by_method.get(m, {}).get(e)) for x, e in zip(xs, eps_cols, strict=True)]
             pts = [(x, ent[metric]) for x, ent in pts if ent and metric in ent]
             if pts:

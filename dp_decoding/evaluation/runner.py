@@ -50,6 +50,14 @@ WIDE_M = 128
 so many prompts cost no extra ε; 128 prompts of N = 2 use 256 records per label, within the
 smallest declared pool (DBPedia: 690 per label)."""
 
+GATE_CUTOFF = 5
+"""c of the ``gate`` rows, declared from the accounting alone: the largest cutoff at which a
+private token gets at least the ε0 of the ungated plan (T = 20) at every ε of the grid
+(ε = 1: 0.111 vs 0.099; c = 6 would give 0.098)."""
+GATE_THRESHOLD = 0.5
+"""θ of the ``gate`` rows, declared: a position is private when the private vote moves at
+least half of the probability mass away from the public prediction (TV ≥ 0.5, noisily)."""
+
 METHODS: dict[str, str] = {
     "zero-shot": "zero-shot",
     "zero-shot-chat": "zero-shot (chat template)",
@@ -59,11 +67,18 @@ METHODS: dict[str, str] = {
     "best": "DP, dpicl best (fixed batches, exponential, public top-50)",
     "blend": "DP, dpicl best with the public prior (exponential × public model, λ = 1)",
     "wide": f"DP, dpicl fixed batches at M = {WIDE_M} (exponential, public top-50)",
+    "gate": f"DP, dpicl best with the public-token gate (M = {WIDE_M}, c = {GATE_CUTOFF}, "
+    f"θ = {GATE_THRESHOLD}, public prior λ = 1)",
 }
-DP_METHODS = ("paper", "best", "blend", "wide")
-DEFAULT_METHODS = [m for m in METHODS if m != "wide"]
-"""``all`` minus ``wide`` (M = 128 prompts per demonstration: minutes per cell on CPU)."""
+DP_METHODS = ("paper", "best", "blend", "wide", "gate")
+DEFAULT_METHODS = [m for m in METHODS if m not in ("wide", "gate")]
+"""``all`` minus ``wide`` and ``gate`` (M = 128 prompts per demonstration: minutes per cell
+on CPU)."""
 BASELINES = ("zero-shot", "zero-shot-chat", "real", "public")
+NO_INF_ROW = ("blend", "gate")
+"""DP rows with no ε = ∞ cell: at ε = ∞ the exponential mechanism is the argmax and ignores the
+prior, so 'blend' would repeat 'best'; 'gate' at ε = ∞ would be a noiseless switch between the
+private argmax and public draws, not a limit worth the minutes."""
 
 
 @dataclass
@@ -145,15 +160,15 @@ def load_task(cfg: EvalConfig, name: str) -> TaskData:
 
 def dp_settings(cfg: EvalConfig, spec: EvalTask, method: str) -> dict[str, Any]:
     """Declared generation parameters of a DP row (and of the ε = 0 row's length T)."""
-    if method in ("best", "blend", "wide"):
-        s = Settings(WIDE_M, 2, spec.best.T) if method == "wide" else spec.best
+    if method in ("best", "blend", "wide", "gate"):
+        s = Settings(WIDE_M, 2, spec.best.T) if method in ("wide", "gate") else spec.best
         out: dict[str, Any] = {
             "regime": "fixed",
             "mechanism": "exponential",
             "candidates": "public-topk",
             "top_k": 50,
         }
-        if method == "blend":  # λ = 1, declared a priori: the public model's own distribution
+        if method in ("blend", "gate"):  # λ = 1, declared: the public model's own distribution
             out["public_prior"] = 1.0
     else:
         s = spec.paper if cfg.paper_settings else spec.budget
@@ -168,6 +183,8 @@ def dp_settings(cfg: EvalConfig, spec: EvalTask, method: str) -> dict[str, Any]:
     T = min(s.T, cfg.override.get("T", s.T))
     L = DEFAULTS["example_token_limit"] if cfg.paper_settings else BUDGET_EXAMPLE_TOKENS
     out.update(M=M, N=N, T=T, example_token_limit=L)
+    if method == "gate":
+        out.update(gate_cutoff=min(GATE_CUTOFF, T), gate_threshold=GATE_THRESHOLD)
     if out["regime"] == "resampled":
         out["q"] = spec.q(Settings(M, N, T))
     return out
@@ -198,6 +215,8 @@ def build_plan(fmt: TaskFormat, spec: EvalTask, st: dict[str, Any], eps: float, 
         task=spec.name,
         model="SmolLM2-135M-Instruct",
         public_prior=st.get("public_prior", 0.0),
+        gate_cutoff=st.get("gate_cutoff"),
+        gate_threshold=st.get("gate_threshold"),
     )
 
 
@@ -226,6 +245,8 @@ def cells_for(cfg: EvalConfig, spec: EvalTask) -> list[dict[str, Any]]:
                 continue
             st = dp_settings(cfg, spec, m)
             for eps in cfg.epsilons:
+                if m in NO_INF_ROW and math.isinf(eps):
+                    continue  # the same mechanism as 'best' at ε = ∞ (argmax, prior unused)
                 for seed in range(cfg.seeds):
                     cells.append(
                         {
