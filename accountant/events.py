@@ -86,8 +86,6 @@ class JobEvent:
                 raise ValueError("noise_multiplier must be None for the exponential mechanism")
             object.__setattr__(self, "epsilon0", check_positive("epsilon0", self.epsilon0))
         object.__setattr__(self, "q", check_sampling_probability(self.regime, self.q))
-        if self.gated is None:  # ledger rows written before the gate existed
-            object.__setattr__(self, "gated", False)
         if not isinstance(self.gated, bool):
             raise ValueError(f"gated must be true or false; got {self.gated!r}")
         if self.gated and (self.mechanism != "exponential" or self.regime != "fixed"):
@@ -95,8 +93,9 @@ class JobEvent:
 
     @property
     def pure_steps(self) -> int:
-        """Exponential only: how many pure ``step_epsilon``-DP mechanisms the job composes
-        (``steps``; twice that when gated: an AboveThreshold instance and a selection each)."""
+        """``steps``, or twice that when gated (an AboveThreshold instance and a selection per
+        round): for an exponential job, how many pure ``step_epsilon``-DP mechanisms it
+        composes."""
         return 2 * self.steps if self.gated else self.steps
 
     @property

@@ -192,10 +192,14 @@ class DemoGenerator:
         prompts' log-probabilities of ``cand`` (or of the whole vocabulary when None); ``pub``
         is the public prompt's full-vocabulary log-probabilities (the mechanism's public
         prior when the plan declares one; never private)."""
+        return self._pick(aggregate(lp), cand, pub)
+
+    def _pick(self, scores: np.ndarray, cand: np.ndarray | None, pub: np.ndarray | None) -> int:
+        """The mechanism's one draw on the aggregated ``scores`` (see :meth:`_select`)."""
         prior = None
         if self.plan.public_prior > 0 and pub is not None and cand is not None:
             prior = pub[cand]
-        idx = self.mechanism.select(aggregate(lp), self.rng, prior)
+        idx = self.mechanism.select(scores, self.rng, prior)
         return int(idx if cand is None else cand[idx])
 
     def _decide(
@@ -213,11 +217,11 @@ class DemoGenerator:
         if g.private_tokens < gate.cutoff:
             if g.gate_threshold is None:
                 g.gate_threshold = gate.new_threshold(self.plan.M, self.rng)
-            distance = gate.distance(aggregate(lp), pub[cand])
-            if gate.above(distance, g.gate_threshold, self.rng):
+            scores = aggregate(lp)
+            if gate.above(gate.distance(scores, pub[cand]), g.gate_threshold, self.rng):
                 g.private_tokens += 1
                 g.gate_threshold = None  # the next private token needs a new instance
-                return self._select(lp, cand, pub)
+                return self._pick(scores, cand, pub)
         return self._public_token(cand, pub)
 
     def _public_token(self, cand: np.ndarray, pub: np.ndarray) -> int:

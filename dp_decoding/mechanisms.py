@@ -78,9 +78,9 @@ class ExponentialMechanism:
             logits = logits + self.prior_weight * np.asarray(prior, dtype=np.float64)
         return int(np.argmax(logits + rng.gumbel(size=s.shape)))
 
-    def event(self, steps: int, q: float | None, *, gated: bool = False) -> JobEvent:
+    def event(self, steps: int, q: float | None) -> JobEvent:
         regime = "resampled" if q is not None else "fixed"
-        return JobEvent("exponential", regime, steps, epsilon0=self.epsilon0, q=q, gated=gated)
+        return JobEvent("exponential", regime, steps, epsilon0=self.epsilon0, q=q)
 
 
 Mechanism = GaussianNoisyArgmax | ExponentialMechanism
@@ -114,9 +114,7 @@ class PublicTokenGate:
     def distance(self, scores: np.ndarray, public_logprobs: np.ndarray) -> float:
         """``M·TV`` between the summed private distributions and the public one."""
         s = np.asarray(scores, dtype=np.float64)
-        lp = np.asarray(public_logprobs, dtype=np.float64)
-        w = np.exp(lp - lp.max()) if np.isfinite(lp.max()) else np.ones_like(lp)
-        pub = w / w.sum()
+        pub = aggregate(np.asarray(public_logprobs)[None, :])  # one row: its renormalisation
         return 0.5 * float(np.abs(s - s.sum() * pub).sum())
 
     def new_threshold(self, members: int, rng: np.random.Generator) -> float:

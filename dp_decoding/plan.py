@@ -18,6 +18,7 @@ Composition (what ``steps`` counts, for one privacy unit's worst case):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -99,9 +100,8 @@ class Plan:
 
     def event(self) -> JobEvent:
         """The dominating event of the job (one unit's worst case)."""
-        if self.gate_cutoff is not None:
-            return ExponentialMechanism(self.epsilon0 or 0.0).event(self.steps, None, gated=True)
-        return self.mechanism_obj().event(self.steps, self.q)
+        event = self.mechanism_obj().event(self.steps, self.q)
+        return dataclasses.replace(event, gated=True) if self.gate_cutoff is not None else event
 
     def gate_obj(self) -> PublicTokenGate | None:
         """The gate's AboveThreshold, at the selection's ε0 (declared equal split)."""

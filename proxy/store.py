@@ -398,9 +398,8 @@ def compose_pld_epsilon(events: Sequence[JobEvent], delta: float) -> float:
         return 0.0
     steps: dict[tuple[Any, ...], int] = {}
     for event in events:
-        # a gated exponential job's PLD is that of 2·steps pure ε0-DP steps (JobEvent.pure_steps)
-        count = event.pure_steps if event.mechanism == "exponential" else event.steps
-        steps[_event_key(event)] = steps.get(_event_key(event), 0) + count
+        # a gated job's PLD is that of 2·steps pure ε0-DP steps (JobEvent.pure_steps)
+        steps[_event_key(event)] = steps.get(_event_key(event), 0) + event.pure_steps
     return _compose_groups(tuple(sorted(steps.items(), key=repr)), float(delta))
 
 

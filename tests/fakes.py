@@ -1,11 +1,15 @@
-"""A deterministic in-memory engine for tests of the generation loop (no model needed)."""
+"""A deterministic in-memory engine for tests of the generation loop (no model needed), and
+the small fixtures those tests share: a draw-counting generator and a two-label pool."""
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+
+from dp_decoding.records import Record, record_unit
 
 VOCAB = 64
 NEWLINE = 10
@@ -62,3 +66,29 @@ class FakeEngine:
     def start(self, prompts: Sequence[Sequence[int]]) -> FakeBatch:
         self.started.append([list(p) for p in prompts])
         return FakeBatch(self, prompts)
+
+
+class CountingRng:
+    """A seeded ``numpy`` Generator that counts every draw by method name (``draws["gumbel"]``,
+    ``draws["normal"]``, ``draws["laplace"]``, ...): the noise a generation loop consumed."""
+
+    def __init__(self, seed: int = 3) -> None:
+        self.inner = np.random.default_rng(seed)
+        self.draws: Counter[str] = Counter()
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        method = getattr(self.inner, name)
+
+        def counted(*a, **k):  # type: ignore[no-untyped-def]
+            self.draws[name] += 1
+            return method(*a, **k)
+
+        return counted
+
+
+def two_label_records(n: int) -> list[Record]:
+    """``n`` one-record units, labels alternating A and B."""
+    return [
+        Record(f"text {i}", "AB"[i % 2], record_unit(f"text {i}", "AB"[i % 2], None))
+        for i in range(n)
+    ]

@@ -22,9 +22,8 @@ from accountant.renyi import randomized_response_rdp
 from dp_decoding.generate import DemoGenerator
 from dp_decoding.mechanisms import PublicTokenGate, aggregate
 from dp_decoding.plan import PlanError, make_plan
-from dp_decoding.records import Record, record_unit
 from prompts import generic_task
-from tests.fakes import FakeEngine
+from tests.fakes import CountingRng, FakeEngine, two_label_records
 from tests.test_accounting import binomial_rr_delta
 
 Z = 5.0
@@ -147,30 +146,6 @@ def test_gate_threshold_noise_is_laplace_2_over_eps() -> None:
 
 
 # -- the generation loop -------------------------------------------------------------------------
-class CountingRng:
-    """Counts draws by kind (the mechanism's Gumbel, the gate's Laplace)."""
-
-    def __init__(self) -> None:
-        self.inner = np.random.default_rng(5)
-        self.laplace_draws = 0
-        self.gumbel_draws = 0
-
-    def laplace(self, *a, **k):  # type: ignore[no-untyped-def]
-        self.laplace_draws += 1
-        return self.inner.laplace(*a, **k)
-
-    def gumbel(self, *a, **k):  # type: ignore[no-untyped-def]
-        self.gumbel_draws += 1
-        return self.inner.gumbel(*a, **k)
-
-
-def _records(n: int) -> list[Record]:
-    return [
-        Record(f"text {i}", "AB"[i % 2], record_unit(f"text {i}", "AB"[i % 2], None))
-        for i in range(n)
-    ]
-
-
 @pytest.mark.parametrize(("threshold", "cutoff"), [(0.05, 2), (0.5, 3), (1.0, 4)])
 def test_at_most_c_private_selections_and_one_decision_per_position(
     threshold: float, cutoff: int
@@ -186,25 +161,25 @@ def test_at_most_c_private_selections_and_one_decision_per_position(
         gate_cutoff=cutoff,
         gate_threshold=threshold,
     )
-    rng = CountingRng()
+    rng = CountingRng(5)
     gen = DemoGenerator(FakeEngine(), plan, generic_task(["A", "B"]), rng=rng)  # type: ignore[arg-type]
     selections: list[int] = []
-    original = gen._select
+    mechanism = gen.mechanism
 
     def spy(*a, **k):  # type: ignore[no-untyped-def]
         selections.append(1)
-        return original(*a, **k)
+        return mechanism.select(*a, **k)
 
-    gen._select = spy  # type: ignore[method-assign]
-    demos = gen.run(_records(30))
+    gen.mechanism = type("Spy", (), {"select": staticmethod(spy)})()  # type: ignore[assignment]
+    demos = gen.run(two_label_records(30))
     groups = len(plan.labels) * plan.shots
     assert len(selections) <= cutoff * groups
     # every released position took exactly one Gumbel draw: a selection or a public draw
     positions = sum(d.tokens + (1 if d.tokens < plan.max_tokens else 0) for d in demos)
-    assert rng.gumbel_draws == positions
+    assert rng.draws["gumbel"] == positions
     # gate draws: one query per position while private tokens are left, one threshold per
     # instance; at most c instances per demonstration
-    assert rng.laplace_draws <= positions + cutoff * groups
+    assert rng.draws["laplace"] <= positions + cutoff * groups
 
 
 def test_a_threshold_no_vote_can_pass_releases_only_public_tokens() -> None:
@@ -220,10 +195,10 @@ def test_a_threshold_no_vote_can_pass_releases_only_public_tokens() -> None:
         gate_cutoff=3,
         gate_threshold=1.0,
     )
-    gen = DemoGenerator(FakeEngine(), plan, generic_task(["A"]), rng=CountingRng())  # type: ignore[arg-type]
+    gen = DemoGenerator(FakeEngine(), plan, generic_task(["A"]), rng=CountingRng(5))  # type: ignore[arg-type]
     calls: list[int] = []
     gen.mechanism = type(  # type: ignore[assignment]
         "Never", (), {"select": lambda *a, **k: calls.append(1) or 0}
     )()
-    gen.run(_records(10))
+    gen.run(two_label_records(10))
     assert calls == []

@@ -22,9 +22,8 @@ from dp_decoding.mechanisms import (
     aggregate,
 )
 from dp_decoding.plan import make_plan
-from dp_decoding.records import Record, record_unit
 from prompts import generic_task
-from tests.fakes import FakeEngine
+from tests.fakes import CountingRng, FakeEngine, two_label_records
 
 Z = 5.0
 TRIALS = 20_000
@@ -153,25 +152,6 @@ def test_aggregate_handles_rows_without_mass() -> None:
     assert np.allclose(aggregate(lp), [1.5, 0.5])
 
 
-class CountingRng:
-    """Wraps a Generator and counts noise draws made by the mechanisms."""
-
-    def __init__(self) -> None:
-        self.inner = np.random.default_rng(3)
-        self.noise_draws = 0
-
-    def normal(self, *a, **k):  # type: ignore[no-untyped-def]
-        self.noise_draws += 1
-        return self.inner.normal(*a, **k)
-
-    def gumbel(self, *a, **k):  # type: ignore[no-untyped-def]
-        self.noise_draws += 1
-        return self.inner.gumbel(*a, **k)
-
-    def random(self, *a, **k):  # type: ignore[no-untyped-def]
-        return self.inner.random(*a, **k)
-
-
 @pytest.mark.parametrize("mechanism", ["gaussian", "exponential"])
 @pytest.mark.parametrize("regime", ["fixed", "resampled"])
 def test_exactly_one_noisy_draw_per_position(mechanism: str, regime: str) -> None:
@@ -186,14 +166,11 @@ def test_exactly_one_noisy_draw_per_position(mechanism: str, regime: str) -> Non
         q=0.5 if regime == "resampled" else None,
         candidates="all",
     )
-    records = [
-        Record(f"text {i}", "AB"[i % 2], record_unit(f"text {i}", "AB"[i % 2], None))
-        for i in range(20)
-    ]
+    records = two_label_records(20)
     rng = CountingRng()
     gen = DemoGenerator(FakeEngine(), plan, generic_task(["A", "B"]), rng=rng)  # type: ignore[arg-type]
     demos = gen.run(records)
     # every released position (a kept token, or the stop token that ended a demonstration)
     # took exactly one draw
     positions = sum(d.tokens + (1 if d.tokens < plan.max_tokens else 0) for d in demos)
-    assert rng.noise_draws == positions
+    assert rng.draws["normal"] + rng.draws["gumbel"] == positions
