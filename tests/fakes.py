@@ -27,23 +27,27 @@ class FakeBatch:
     def __init__(self, engine: FakeEngine, prompts: Sequence[Sequence[int]]) -> None:
         self.engine = engine
         self.seqs = [list(p) for p in prompts]
+        self.calls = 0
+        self.closed = False
 
     @property
     def rows(self) -> int:
         return len(self.seqs)
 
     def logprobs(self, candidates=None) -> np.ndarray:  # type: ignore[no-untyped-def]
+        assert not self.closed
         self.engine.logprob_calls += 1
+        self.calls += 1
         lp = np.stack([_row_logprobs(s) for s in self.seqs])
         return lp if candidates is None else lp[:, np.asarray(candidates)]
 
     def append(self, tokens: Sequence[int]) -> None:
-        assert len(tokens) == self.rows
+        assert not self.closed and len(tokens) == self.rows
         for s, t in zip(self.seqs, tokens, strict=True):
             s.append(int(t))
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 class FakeEngine:
@@ -55,6 +59,7 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.started: list[list[list[int]]] = []
+        self.batches: list[FakeBatch] = []
         self.logprob_calls = 0
 
     def tokenize(self, text: str) -> list[int]:
@@ -65,7 +70,8 @@ class FakeEngine:
 
     def start(self, prompts: Sequence[Sequence[int]]) -> FakeBatch:
         self.started.append([list(p) for p in prompts])
-        return FakeBatch(self, prompts)
+        self.batches.append(FakeBatch(self, prompts))
+        return self.batches[-1]
 
 
 class CountingRng:

@@ -12,7 +12,10 @@ import pytest
 from dp_decoding.evaluation.runner import (
     METHODS,
     EvalConfig,
+    build_plan,
     cell_key,
+    cells_for,
+    dp_settings,
     load_task,
     run_cell,
     run_eval,
@@ -28,6 +31,23 @@ def test_split_prompt_is_a_split() -> None:
         pre, suf = split_prompt(task, demos, "a query")
         assert pre + suf == answer_prompt(task, demos, "a query")
         assert "a query" not in pre and suf.endswith(":")
+
+
+def test_paper_t_rows_are_matched_and_cost_no_extra_epsilon(tmp_path: Path) -> None:
+    """'gate-long' differs from 'gate' only in T (the paper's 100 on DBPedia), its model-written
+    baseline 'public-long' is generated at the same T, and the plan's ε does not move with T."""
+    from dp_decoding.evaluation.tasks import EVAL_TASKS
+
+    spec = EVAL_TASKS["dbpedia"]
+    cfg = EvalConfig(["dbpedia"], tmp_path, [4.0], 1, 10, [4], tmp_path, methods=list(METHODS))
+    short, long = dp_settings(cfg, spec, "gate"), dp_settings(cfg, spec, "gate-long")
+    assert (short["T"], long["T"]) == (spec.best.T, spec.paper.T) == (20, 100)
+    assert {**short, "T": 0} == {**long, "T": 0}
+    public = {c["method"]: c["T"] for c in cells_for(cfg, spec) if "T" in c}
+    assert public == {"public": 20, "public-long": 100}
+    fmt = get_task("dbpedia")
+    a, b = (build_plan(fmt, spec, st, 4.0, 4) for st in (short, long))
+    assert (a.epsilon0, a.to_dict()["epsilon"]) == (b.epsilon0, b.to_dict()["epsilon"])
 
 
 @pytest.mark.model
@@ -50,12 +70,23 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:  # typ
     for name in ("results.json", "results.md", "accuracy_vs_epsilon.png", "cache.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     doc = json.loads((out / "results.json").read_text())
-    # 2 zero-shot + real + public + paper, best, wide × 2 ε + blend, gate × 1 ε (no ε = ∞
-    # cell: there they would repeat 'best')
-    assert len(doc["cells"]) == 12
+    # 2 zero-shot + real + public + public-long + paper, best, wide × 2 ε + blend, gate,
+    # gate-long × 1 ε (no ε = ∞ cell: there they would repeat 'best')
+    assert len(doc["cells"]) == 14
     summ = doc["summary"]["trec"]
-    assert set(summ["4"]) == {"real", "public", "paper", "best", "blend", "wide", "gate"}
+    assert set(summ["4"]) == {
+        "real",
+        "public",
+        "public-long",
+        "paper",
+        "best",
+        "blend",
+        "wide",
+        "gate",
+        "gate-long",
+    }
     assert set(summ["4"]["gate"]) == {"1"} and set(summ["4"]["blend"]) == {"1"}
+    assert set(summ["4"]["gate-long"]) == {"1"}
     assert set(summ["4"]["paper"]) == {"1", "inf"} and set(summ["0"]) == {
         "zero-shot",
         "zero-shot-chat",
@@ -68,11 +99,11 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:  # typ
             assert r["epsilon_achieved"] <= 1.0
     gate = next(c["cell"] for c in doc["cells"] if c["cell"]["method"] == "gate")
     assert gate["settings"]["gate_cutoff"] == 5 and gate["settings"]["M"] == 2
-    # table: one row per method (9), one column per ε plus the method and "no DP" columns
+    # table: one row per method (11), one column per ε plus the method and "no DP" columns
     md = (out / "results.md").read_text()
     table = md.split("## trec, 4 demonstrations, calibrated")[1].split("\n\n")[2]
     rows = [line for line in table.splitlines() if line.startswith("|")][2:]
-    assert len(rows) == 9 and all(line.count("|") == 5 for line in rows)
+    assert len(rows) == 11 and all(line.count("|") == 5 for line in rows)
     # resumable: nothing is recomputed
     again = run_eval(cfg, engine_factory=lambda: engine)
     assert again["cells_computed_this_sitting"] == 0

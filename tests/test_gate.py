@@ -182,6 +182,31 @@ def test_at_most_c_private_selections_and_one_decision_per_position(
     assert rng.draws["laplace"] <= positions + cutoff * groups
 
 
+def test_private_rows_stop_once_every_gate_of_the_wave_is_spent() -> None:
+    """ε = ∞ and a tiny θ make every position "above" until the cutoff: the private batch is
+    read for exactly c positions, then closed; the rest of the demonstration is public."""
+    cutoff, T = 2, 8
+    plan = make_plan(
+        labels=["A"],
+        epsilon=math.inf,
+        max_tokens=T,
+        mechanism="exponential",
+        prompts=3,
+        top_k=8,
+        gate_cutoff=cutoff,
+        gate_threshold=1e-9,
+    )
+    engine = FakeEngine()
+    gen = DemoGenerator(engine, plan, generic_task(["A"]), rng=CountingRng(5))  # type: ignore[arg-type]
+    (demo,) = gen.run(two_label_records(10))
+    private = [b for b in engine.batches if b.rows == plan.M]
+    public = [b for b in engine.batches if b.rows == 1]
+    assert len(private) == 1 and len(public) == 1
+    assert private[0].calls == cutoff and private[0].closed
+    assert demo.tokens > cutoff  # the public model wrote on (this fake stops late)
+    assert public[0].calls == demo.tokens + (1 if demo.tokens < T else 0)
+
+
 def test_a_threshold_no_vote_can_pass_releases_only_public_tokens() -> None:
     """ε = ∞ makes the gate exact; θ = 1 needs TV = 1, which a softmax never reaches: every
     token is the public model's, and the mechanism never runs."""

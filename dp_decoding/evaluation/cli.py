@@ -140,7 +140,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument(
         "--methods",
         default="default",
-        help=f"'default' (all but 'wide'), 'all', or a comma list of {list(METHODS)}",
+        help="'default' (all but the M = 128 rows 'wide', 'gate' and 'gate-long'), 'all', "
+        f"or a comma list of {list(METHODS)}",
     )
     e.add_argument(
         "--paper-settings",

@@ -128,6 +128,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ("blend", ":d"),
             ("wide", "-.^"),
             ("gate", "--v"),
+            ("gate-long", "-v"),
         ):
             pts = [(x, by_method.get(m, {}).get(e)) for x, e in zip(xs, eps_cols, strict=True)]
             pts = [(x, ent[metric]) for x, ent in pts if ent and metric in ent]
