@@ -70,9 +70,9 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:  # typ
     for name in ("results.json", "results.md", "accuracy_vs_epsilon.png", "cache.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     doc = json.loads((out / "results.json").read_text())
-    # 2 zero-shot + real + public + public-long + paper, best, wide × 2 ε + blend, gate,
-    # gate-long × 1 ε (no ε = ∞ cell: there they would repeat 'best')
-    assert len(doc["cells"]) == 14
+    # 2 zero-shot + real + public + public-long + paper, best, wide, gate-long × 2 ε + blend,
+    # gate × 1 ε (no ε = ∞ cell: 'blend' would repeat 'best'; 'gate-long' has the gate's one)
+    assert len(doc["cells"]) == 15
     summ = doc["summary"]["trec"]
     assert set(summ["4"]) == {
         "real",
@@ -86,7 +86,7 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:  # typ
         "gate-long",
     }
     assert set(summ["4"]["gate"]) == {"1"} and set(summ["4"]["blend"]) == {"1"}
-    assert set(summ["4"]["gate-long"]) == {"1"}
+    assert set(summ["4"]["gate-long"]) == {"1", "inf"}
     assert set(summ["4"]["paper"]) == {"1", "inf"} and set(summ["0"]) == {
         "zero-shot",
         "zero-shot-chat",

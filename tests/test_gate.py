@@ -196,15 +196,19 @@ def test_private_rows_stop_once_every_gate_of_the_wave_is_spent() -> None:
         gate_cutoff=cutoff,
         gate_threshold=1e-9,
     )
+
+    class NeverStops(DemoGenerator):  # every demonstration runs all T positions
+        def _is_stop(self, token: int) -> bool:
+            return False
+
     engine = FakeEngine()
-    gen = DemoGenerator(engine, plan, generic_task(["A"]), rng=CountingRng(5))  # type: ignore[arg-type]
+    gen = NeverStops(engine, plan, generic_task(["A"]), rng=CountingRng(5))  # type: ignore[arg-type]
     (demo,) = gen.run(two_label_records(10))
     private = [b for b in engine.batches if b.rows == plan.M]
     public = [b for b in engine.batches if b.rows == 1]
     assert len(private) == 1 and len(public) == 1
     assert private[0].calls == cutoff and private[0].closed
-    assert demo.tokens > cutoff  # the public model wrote on (this fake stops late)
-    assert public[0].calls == demo.tokens + (1 if demo.tokens < T else 0)
+    assert demo.tokens == T and public[0].calls == T  # the public model wrote the rest
 
 
 def test_a_threshold_no_vote_can_pass_releases_only_public_tokens() -> None:
