@@ -70,8 +70,8 @@ METHODS: dict[str, str] = {
     "wide": f"DP, dpicl fixed batches at M = {WIDE_M} (exponential, public top-50)",
     "gate": f"DP, dpicl best with the public-token gate (M = {WIDE_M}, c = {GATE_CUTOFF}, "
     f"θ = {GATE_THRESHOLD}, public prior λ = 1)",
-    "gate-long": "DP, the same gate at the paper's T (T costs no ε under the gate: only c "
-    "tokens are private)",
+    "gate-long": f"DP, public-token gate at the paper's T (M = {WIDE_M}, c = {GATE_CUTOFF}, "
+    f"θ = {GATE_THRESHOLD}, λ = 1; T costs no ε under the gate)",
 }
 DP_METHODS = ("paper", "best", "blend", "wide", "gate", "gate-long")
 GATED = ("gate", "gate-long")
