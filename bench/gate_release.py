@@ -8,8 +8,9 @@ last position, as before), in the same run, on the same engine instance, alterna
 arms:
 
 - the plan is the evaluation's ``gate-long`` DBPedia row, one label: fixed batches, exponential
-  mechanism, public top-50, public prior λ = 1, ``c = 5``, ``θ = 0.5``, ``ε = 4``; ``M`` and
-  ``T`` from the command line (defaults 32 and 100), 4 demonstrations in one wave;
+  mechanism, public top-50, public prior λ = 1, ``c = 5``, ``θ = 0.5``, ``ε = 4``, built by the
+  evaluation's own ``dp_settings`` + ``build_plan``; ``M`` and ``T`` capped from the command
+  line (defaults 32 and 100; at most the row's 128 and 100), 4 demonstrations in one wave;
 - the generator never stops at a newline (test harness), so every demonstration runs ``T``
   positions in both arms and the work compared is the same;
 - noise comes from OS entropy, so when the gates are spent differs from run to run; the
@@ -22,6 +23,7 @@ file (between the ``gate_release`` markers).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import platform
 import statistics
@@ -78,7 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from dp_decoding.engines.embedded import EmbeddedEngine
-    from dp_decoding.evaluation.runner import GATE_CUTOFF, GATE_THRESHOLD
+    from dp_decoding.evaluation.runner import (
+        GATE_CUTOFF,
+        GATE_THRESHOLD,
+        EvalConfig,
+        build_plan,
+        dp_settings,
+    )
+    from dp_decoding.evaluation.tasks import EVAL_TASKS
     from dp_decoding.plan import make_plan
     from dp_decoding.records import load_jsonl
     from prompts import get_task
@@ -87,22 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     engine = EmbeddedEngine(threads=args.threads)
     task = get_task("dbpedia")
     records = [r for r in load_jsonl(args.data) if r.label == LABEL]
-    plan = make_plan(
-        labels=[LABEL],
-        epsilon=4.0,
-        delta=1e-6,
-        shots=4,
-        max_tokens=args.T,
-        mechanism="exponential",
-        prompts=args.M,
-        examples_per_prompt=2,
-        candidates="public-topk",
-        top_k=50,
-        example_token_limit=64,
-        public_prior=1.0,
-        gate_cutoff=GATE_CUTOFF,
-        gate_threshold=GATE_THRESHOLD,
-    )
+    # the evaluation's own 'gate-long' settings (M and T capped by --M / --T), one label
+    spec = dataclasses.replace(EVAL_TASKS["dbpedia"], demo_labels=(LABEL,))
+    caps = EvalConfig([spec.name], Path("."), [4.0], 1, 0, [4], Path("."))
+    caps.override = {"M": args.M, "T": args.T}
+    plan = build_plan(task, spec, dp_settings(caps, spec, "gate-long"), 4.0, 4)
     log(f"warm-up; plan M={plan.M} T={plan.max_tokens} c={GATE_CUTOFF} ε0={plan.epsilon0:.3g}")
     warm = make_plan(
         labels=[LABEL],

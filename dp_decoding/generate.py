@@ -235,16 +235,20 @@ class DemoGenerator:
         return int(cand[int(np.argmax(z + self.rng.gumbel(size=z.shape)))])
 
     def _step_logprobs(
-        self, batch: Batch, wave: list[_Group], pub_lp: np.ndarray | None
-    ) -> tuple[np.ndarray, list[np.ndarray | None], list[np.ndarray | None]]:
+        self, batch: Batch | None, wave: list[_Group], pub_lp: np.ndarray | None
+    ) -> tuple[np.ndarray | None, list[np.ndarray | None], list[np.ndarray | None]]:
         """One private engine call for the wave: candidates are fixed first (public side
         only), then the private rows are asked for just the union of the live groups'
         candidates. Returns the log-probabilities, each group's candidate ids and each
-        group's columns in the returned array (None = full vocabulary)."""
+        group's columns in the returned array (None = full vocabulary). With the private
+        batch closed (``batch`` None: every gate of the wave is spent) only the candidates
+        are computed and the log-probabilities are None."""
         cands = [
             None if g.done else self._candidates(None if pub_lp is None else pub_lp[gi])
             for gi, g in enumerate(wave)
         ]
+        if batch is None:
+            return None, cands, [None] * len(wave)
         live = [c for g, c in zip(wave, cands, strict=True) if not g.done]
         if not live or any(c is None for c in live):
             return batch.logprobs(), cands, [None] * len(wave)
@@ -333,12 +337,7 @@ class DemoGenerator:
                 if private is not None and self._gate_spent(wave):
                     private.close()  # nothing private is read again in this wave
                     private = None
-                if private is None:
-                    assert pub_lp is not None
-                    cands = [self._candidates(pub_lp[gi]) for gi in range(len(wave))]
-                    lp, cols = None, [None] * len(wave)
-                else:
-                    lp, cands, cols = self._step_logprobs(private, wave, pub_lp)
+                lp, cands, cols = self._step_logprobs(private, wave, pub_lp)
                 tokens: list[int] = []
                 for gi, g in enumerate(wave):
                     if not g.done:
