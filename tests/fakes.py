@@ -1,11 +1,15 @@
 """A deterministic in-memory engine for tests of the generation loop (no model needed), and
-the small fixtures those tests share: a draw-counting generator and a two-label pool."""
+the small fixtures those tests share: a draw-counting generator, a two-label pool and a tiny
+evaluation grid."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -98,3 +102,13 @@ def two_label_records(n: int) -> list[Record]:
         Record(f"text {i}", "AB"[i % 2], record_unit(f"text {i}", "AB"[i % 2], None))
         for i in range(n)
     ]
+
+
+def tiny_eval_config(data_dir: Path, out: Path, **kw: Any) -> Any:
+    """A TREC grid of ε ∈ {1, ∞} on 5 test rows at 4 shots (quiet); ``kw`` sets the rest."""
+    from dp_decoding.evaluation.runner import EvalConfig
+
+    base: dict[str, Any] = {"seeds": 1, "test_rows": 5, "shots": [4], "quiet": True}
+    return EvalConfig(
+        tasks=["trec"], data_dir=data_dir, epsilons=[1.0, math.inf], out=out, **{**base, **kw}
+    )

@@ -22,6 +22,7 @@ from dp_decoding.evaluation.runner import (
 )
 from dp_decoding.evaluation.scoring import split_prompt
 from prompts import answer_prompt, get_task
+from tests.fakes import tiny_eval_config
 
 
 def test_split_prompt_is_a_split() -> None:
@@ -128,18 +129,7 @@ def test_report_only_computes_nothing_and_reports_cached_cells(
     cells missing from the cache are left out (shown as "—") instead of computed."""
     from dp_decoding.evaluation.runner import Cache, cells_for
 
-    cfg = EvalConfig(
-        tasks=["trec"],
-        data_dir=shared_data,
-        epsilons=[1.0, math.inf],
-        seeds=1,
-        test_rows=5,
-        shots=[4],
-        out=tmp_path,
-        methods=["zero-shot", "best"],
-        report_only=True,
-        quiet=True,
-    )
+    cfg = tiny_eval_config(shared_data, tmp_path, methods=["zero-shot", "best"], report_only=True)
     td = load_task(cfg, "trec")
     cells = cells_for(cfg, td.spec)
     cached = next(c for c in cells if c["method"] == "best" and c["epsilon"] == "1")

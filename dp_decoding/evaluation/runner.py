@@ -3,7 +3,8 @@
 A *cell* is one (task, shots, method, ε, seed) with every parameter that determines its result
 (settings, test rows, seed mode, model). Invariants:
 - a cell's cache key is the SHA-256 of its canonical JSON; a finished cell is stored in
-  ``DIR/cache.json`` (written atomically after every cell) and never recomputed;
+  ``DIR/cache.json`` (written atomically after every cell) and never recomputed; several
+  processes may share ``DIR`` and split the grid (:mod:`dp_decoding.evaluation.cache`);
 - DP cells build their plan with :func:`make_plan` from declared numbers only (q from the task
   config), δ = 1e-6; in ``os`` seed mode (production) the generator draws its noise and job key
   from OS entropy, in ``fixed`` seed mode (tests) both are derived from the seed;
@@ -13,10 +14,8 @@ A *cell* is one (task, shots, method, ε, seed) with every parameter that determ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from dp_decoding.evaluation.cache import Cache, cell_key
 from dp_decoding.evaluation.demos import (
     dp_demonstrations,
     public_demonstrations,
@@ -112,11 +112,15 @@ class EvalConfig:
     threads: int | None = None
     quiet: bool = False
     engine: str = "embedded"
+    """``embedded`` (transformers, the reference) or ``vllm`` (same weights and dtype; faster
+    prefill on CPU). Part of every non-embedded cell's key."""
     report_only: bool = False
     """Compute nothing: report the grid's cells that are already cached (missing ones show
     as "—"); for grids finished in parts, e.g. different ε per task."""
-    """``embedded`` (transformers, the reference) or ``vllm`` (same weights and dtype; faster
-    prefill on CPU). Part of every non-embedded cell's key."""
+    merge_from: list[Path] = field(default_factory=list)
+    """Other runs' output folders (or cache.json files) whose cells are imported into this
+    run's cache first (cells already here are kept): pieces run in different folders become
+    one report."""
 
 
 def eps_key(eps: float | None) -> str | None:
@@ -274,10 +278,6 @@ def cells_for(cfg: EvalConfig, spec: EvalTask) -> list[dict[str, Any]]:
     return cells
 
 
-def cell_key(cell: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:24]
-
-
 def run_cell(engine: Any, cell: dict[str, Any], data: TaskData, cfg: EvalConfig) -> dict[str, Any]:
     """Compute one cell: build its demonstrations, answer the test rows, score."""
     t0 = time.monotonic()
@@ -322,81 +322,89 @@ def run_cell(engine: Any, cell: dict[str, Any], data: TaskData, cfg: EvalConfig)
     }
 
 
-# -- cache ------------------------------------------------------------------------------------
-class Cache:
-    """``{key: {"cell": ..., "result": ...}}`` in one JSON file, rewritten atomically."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data: dict[str, Any] = {}
-        if path.is_file():
-            self.data = json.loads(path.read_text(encoding="utf-8"))
-
-    def get(self, cell: dict[str, Any]) -> dict[str, Any] | None:
-        hit = self.data.get(cell_key(cell))
-        return None if hit is None else hit["result"]
-
-    def put(self, cell: dict[str, Any], result: dict[str, Any]) -> None:
-        self.data[cell_key(cell)] = {"cell": cell, "result": result}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, self.path)
-
-
 # -- driver -----------------------------------------------------------------------------------
 def run_eval(cfg: EvalConfig, engine_factory: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """Run (or resume) the grid; write results.json, results.md and accuracy_vs_epsilon.png."""
+    """Run (or resume) the grid; write results.json, results.md and accuracy_vs_epsilon.png.
+
+    Several processes may run the same grid on one ``--out`` at once (one per core, say): each
+    claims a cell before computing it (see :mod:`dp_decoding.evaluation.cache`), so they split
+    the grid, and each writes the reports from everything cached when it ends; the last one to
+    end writes the complete reports. ``results["cells_pending"]`` counts the grid's cells that
+    were still being computed elsewhere (or had failed) when this process wrote them.
+    """
     from tqdm import tqdm
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     cache = Cache(cfg.out / "cache.json")
+    if cfg.merge_from:
+        cache.merge_from(cfg.merge_from)
     tasks = {name: load_task(cfg, name) for name in cfg.tasks}
     grid = [(name, c) for name in cfg.tasks for c in cells_for(cfg, tasks[name].spec)]
-    todo = [(n, c) for n, c in grid if cache.get(c) is None]
-    if cfg.report_only:
-        grid = [(n, c) for n, c in grid if cache.get(c) is not None]
-        todo = []
+    todo = [] if cfg.report_only else [(n, c) for n, c in grid if cache.get(c) is None]
+
+    def cached() -> int:
+        return sum(cache.get(c) is not None for _, c in grid)
+
     engine = None
+    computed = 0
     bar = tqdm(
         total=len(grid),
-        initial=len(grid) - len(todo),
+        initial=cached(),
         unit="cell",
         file=sys.stderr,
-        disable=cfg.quiet,
+        disable=cfg.quiet or cfg.report_only,
         dynamic_ncols=True,
     )
     started = time.monotonic()
     for name, cell in todo:
-        if engine is None:
-            if engine_factory is not None:
-                engine = engine_factory()
-            elif cfg.engine != "embedded":
-                from dp_decoding.engines import load_engine
-
-                engine = load_engine(cfg.engine)
-            else:
-                from dp_decoding.engines.embedded import EmbeddedEngine
-
-                engine = EmbeddedEngine(threads=cfg.threads)
-        bar.set_postfix_str(
-            f"{name} {cell['method']} shots={cell['shots']} ε={cell['epsilon']} "
-            f"seed={cell['seed']}",
-            refresh=True,
-        )
-        cache.put(cell, run_cell(engine, cell, tasks[name], cfg))
-        bar.update(1)
+        if not cache.claim(cell):  # finished or being computed by another process
+            bar.n = cached()
+            bar.refresh()
+            continue
+        try:
+            if engine is None:
+                engine = _start_engine(cfg, engine_factory)
+            bar.set_postfix_str(
+                f"{name} {cell['method']} shots={cell['shots']} ε={cell['epsilon']} "
+                f"seed={cell['seed']}",
+                refresh=True,
+            )
+            result = run_cell(engine, cell, tasks[name], cfg)
+        except BaseException:
+            cache.release(cell)
+            raise
+        cache.put(cell, result)
+        computed += 1
+        bar.n = cached()
+        bar.refresh()
     bar.close()
-    results = collect(cfg, tasks, grid, cache)
-    results["wall_seconds_this_sitting"] = round(time.monotonic() - started, 1)
-    results["cells_computed_this_sitting"] = len(todo)
-    (cfg.out / "results.json").write_text(
-        json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8"
-    )
     from dp_decoding.evaluation.report import plot, write_markdown
 
-    write_markdown(results, cfg.out / "results.md")
-    plot(results, cfg.out / "accuracy_vs_epsilon.png")
+    with cache.locked():
+        cache.refresh_locked()
+        present = [(n, c) for n, c in grid if cache.get(c) is not None]
+        results = collect(cfg, tasks, present, cache)
+        results["wall_seconds_this_sitting"] = round(time.monotonic() - started, 1)
+        results["cells_computed_this_sitting"] = computed
+        results["cells_pending"] = 0 if cfg.report_only else len(grid) - len(present)
+        (cfg.out / "results.json").write_text(
+            json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8"
+        )
+        write_markdown(results, cfg.out / "results.md")
+        plot(results, cfg.out / "accuracy_vs_epsilon.png")
     return results
+
+
+def _start_engine(cfg: EvalConfig, engine_factory: Callable[[], Any] | None) -> Any:
+    if engine_factory is not None:
+        return engine_factory()
+    if cfg.engine != "embedded":
+        from dp_decoding.engines import load_engine
+
+        return load_engine(cfg.engine)
+    from dp_decoding.engines.embedded import EmbeddedEngine
+
+    return EmbeddedEngine(threads=cfg.threads)
 
 
 def _mean_std(xs: Sequence[float]) -> dict[str, float | int]:
