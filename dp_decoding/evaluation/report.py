@@ -148,12 +148,18 @@ def plot(results: dict[str, Any], path: Path) -> None:
         real = by_method.get("real", {}).get("none")
         if real and metric in real:
             ax.axhline(real[metric]["mean"], color=c, ls="-.", lw=1)
+        written = by_method.get("public", {}).get("none")  # the ε = 0 baseline
+        if written and metric in written:
+            ax.axhline(written[metric]["mean"], color=c, ls="--", lw=0.8, alpha=0.6)
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs)
     ax.set_xticklabels(["∞" if e == "inf" else e for e in eps_cols])
     ax.set_xlabel("ε (δ = 1e-6)")
     ax.set_ylabel("accuracy % (calibrated; MIT: exact match)")
-    ax.set_title("DP demonstrations: accuracy vs ε  (dotted: zero-shot, dash-dot: real demos)")
+    ax.set_title(
+        "accuracy vs ε  (dotted: zero-shot; thin dashed: model-written; dash-dot: real)",
+        fontsize=10,
+    )
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
