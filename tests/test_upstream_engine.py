@@ -456,6 +456,20 @@ PROMPTS = [
     "News Type: World\nText: The president said on Monday that",
     "Write one sentence about the sea.",
 ]
+
+
+def _same_argmax_up_to_ties(a: np.ndarray, b: np.ndarray) -> bool:
+    """Each row's top token under ``a`` is within TOP_TOL of the top under ``b`` and vice
+    versa: the same argmax, except where the embedded engine itself has a (bf16) tie, which
+    vLLM's kernels may break either way (seen: "The president said on Monday that" has two
+    next tokens at exactly -1.3487 nats in the embedded engine)."""
+    rows = np.arange(a.shape[0])
+    return bool(
+        (b[rows, a.argmax(axis=1)] >= b.max(axis=1) - TOP_TOL).all()
+        and (a[rows, b.argmax(axis=1)] >= a.max(axis=1) - TOP_TOL).all()
+    )
+
+
 # find_spec, not an import: importing vllm here would touch this process for every test
 needs_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
@@ -554,20 +568,20 @@ def test_real_vllm_agrees_with_embedded_engine(vllm_server, engine) -> None:  # 
     got = up.start(ids).logprobs(cand)
     want = full[:, cand]
     assert got.shape == want.shape
-    assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
+    assert _same_argmax_up_to_ties(got, want)
     top = want > np.log(0.01)
     assert np.abs(got[top] - want[top]).max() < TOP_TOL
 
     probing = upstream(vllm_server, candidate_mode="logit_bias")
     probed = probing.start(ids).logprobs(cand)  # 71-83 ids, 20 per request
     ref = got - np.logaddexp.reduce(got.astype(np.float64), axis=1, keepdims=True)
-    assert (probed.argmax(axis=1) == want.argmax(axis=1)).all()
+    assert _same_argmax_up_to_ties(probed, want)
     likely = ref > -30
     np.testing.assert_allclose(probed[likely], ref[likely], atol=1e-3)
 
     # public top-k of the same prompts (a public batch): the same leading tokens
     dense = up.start(ids, public=True).logprobs()
-    assert (dense.argmax(axis=1) == full.argmax(axis=1)).all()
+    assert _same_argmax_up_to_ties(dense, full)
     sure = full > np.log(0.05)
     assert np.isfinite(dense[sure]).all()
     assert np.abs(dense[sure] - full[sure]).max() < TOP_TOL
