@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     records = [r for r in load_jsonl(args.data) if r.label == LABEL]
     # the evaluation's own 'gate-long' settings (M and T capped by --M / --T), one label
     spec = dataclasses.replace(EVAL_TASKS["dbpedia"], demo_labels=(LABEL,))
-    caps = EvalConfig([spec.name], Path("."), [4.0], 1, 0, [4], Path("."))
-    caps.override = {"M": args.M, "T": args.T}
+    caps = EvalConfig(
+        [spec.name], Path("."), [4.0], 1, 0, [4], Path("."), override={"M": args.M, "T": args.T}
+    )
     plan = build_plan(task, spec, dp_settings(caps, spec, "gate-long"), 4.0, 4)
     log(f"warm-up; plan M={plan.M} T={plan.max_tokens} c={GATE_CUTOFF} ε0={plan.epsilon0:.3g}")
     warm = make_plan(

@@ -46,9 +46,10 @@ class CountingMechanism:
 
 TIE_TOL = 0.15
 """Scores (sums of M = 4 bf16 probabilities, in [0, 4]) of the two designs may differ by this
-much: vLLM's CPU kernels are not batch-invariant, and the two designs batch differently. Seen:
-below 1e-5 on earlier machines, up to 0.13 on a CPU with AMX-bf16, where it flipped one
-ε = ∞ pick whose two candidates were 0.04 apart."""
+much: vLLM's CPU kernels are not batch-invariant, and the two designs batch the decoding steps
+differently. Seen on a CPU with AMX-bf16: the first positions agree to 2e-6, later ones differ
+by up to 0.13, which flipped one ε = ∞ pick whose two candidates were 0.04 apart (earlier
+machines gave identical texts)."""
 
 
 def _same_up_to_near_ties(log2, log1) -> bool:  # type: ignore[no-untyped-def]
