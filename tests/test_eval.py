@@ -96,6 +96,9 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:  # typ
         r = cell["result"]
         assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 20
         assert r["calibrated"] is not None
+        # per-row hits reproduce the accuracies (so slices of the test rows can be reported)
+        assert len(r["hits"]) == 20 and r["hits"].count("1") / 20 == r["accuracy"]
+        assert r["hits_calibrated"].count("1") / 20 == r["calibrated"]
         if cell["cell"]["epsilon"] == "1":
             assert r["epsilon_achieved"] <= 1.0
     gate = next(c["cell"] for c in doc["cells"] if c["cell"]["method"] == "gate")
@@ -146,3 +149,34 @@ def test_report_only_computes_nothing_and_reports_cached_cells(
     assert set(best) == {"1"} and best["1"]["calibrated"]["mean"] == 25.0
     md = (tmp_path / "results.md").read_text()
     assert "25.0" in md and "—" in md
+
+
+def test_report_rows_scores_a_slice_from_per_row_hits(shared_data: Path, tmp_path: Path) -> None:
+    """``--report-rows 2:5`` reports each cell on test rows 2..4 from its stored hits, without
+    an engine; a cell cached without hits cannot be sliced and is left out and counted."""
+    from dp_decoding.evaluation.runner import Cache, cells_for
+
+    cfg = tiny_eval_config(
+        shared_data, tmp_path, methods=["real", "best"], report_only=True, report_rows=(2, 5)
+    )
+    cells = cells_for(cfg, load_task(cfg, "trec").spec)
+    real = next(c for c in cells if c["method"] == "real")
+    best = next(c for c in cells if c["method"] == "best" and c["epsilon"] == "1")
+    cache = Cache(tmp_path / "cache.json")
+    cache.put(
+        real,
+        {"accuracy": 0.4, "calibrated": 0.6, "n": 5, "demonstrations": []}
+        | {"hits": "11000", "hits_calibrated": "00111"},
+    )
+    old = {"accuracy": 0.5, "calibrated": 0.25, "n": 5, "demonstrations": []}
+    cache.put(best, old | {"epsilon_achieved": 1.0, "sigma": None, "epsilon0": 0.1})
+
+    def no_engine():  # type: ignore[no-untyped-def]
+        raise AssertionError("report-only must not start an engine")
+
+    res = run_eval(cfg, engine_factory=no_engine)
+    assert res["cells_unsliceable"] == 1 and len(res["cells"]) == 1
+    entry = res["summary"]["trec"]["4"]["real"]["none"]
+    assert entry["accuracy"]["mean"] == 0.0 and entry["calibrated"]["mean"] == 100.0
+    assert res["tasks"]["trec"]["test_rows"] == 3
+    assert "3 test rows (rows 2 to 4 only)" in (tmp_path / "results.md").read_text()

@@ -21,6 +21,17 @@ def _floats(text: str) -> list[float]:
     return out
 
 
+def _row_range(text: str) -> tuple[int, int]:
+    start, sep, end = text.partition(":")
+    try:
+        lo, hi = int(start), int(end)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not START:END: {text!r}") from None
+    if not sep or lo < 0 or hi <= lo:
+        raise argparse.ArgumentTypeError(f"need 0 <= START < END, got {text!r}")
+    return lo, hi
+
+
 def _ints(text: str) -> list[int]:
     try:
         out = [int(x) for x in text.split(",") if x.strip()]
@@ -80,12 +91,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         engine=args.engine,
         report_only=args.report_only,
         merge_from=[Path(p) for p in args.merge_from],
+        report_rows=args.report_rows,
     )
     try:
         res = run_eval(cfg)
     except FileNotFoundError as exc:
         print(f"dpicl: error: --merge-from: {exc}", file=sys.stderr)
         return 2
+    if res.get("cells_unsliceable"):
+        print(
+            f"dpicl: {res['cells_unsliceable']} cached cell(s) have no per-row hits (computed "
+            "before they were kept) and are left out of the --report-rows report",
+            file=sys.stderr,
+        )
     pending = res["cells_pending"]
     print(
         f"dpicl: {len(res['cells'])} cells ({res['cells_computed_this_sitting']} computed now, "
@@ -191,6 +209,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="DIR",
         help="import the cached cells of other runs' output folders first (cells already in "
         "--out are kept); with --report-only, one report from pieces run apart",
+    )
+    e.add_argument(
+        "--report-rows",
+        type=_row_range,
+        metavar="START:END",
+        help="score only test rows START..END-1 in the reports, from each cell's per-row hits "
+        "(nothing is recomputed), e.g. 100:256 for rows held out from a 100-row look",
     )
     e.add_argument("--out", required=True, help="output folder (also the resume cache)")
     e.add_argument("--quiet", action="store_true")

@@ -52,8 +52,15 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                     name = "exact match"
                 lines.append(f"## {task}, {shots} demonstrations, {name}")
                 lines.append("")
+                rows = cfg.get("report_rows")
                 lines.append(
-                    f"{info['test_rows']} test rows. Pool size: {POOL_NOTE.get(task, '?')}."
+                    f"{info['test_rows']} test rows"
+                    + (
+                        f" (rows {rows[0]} to {rows[0] + info['test_rows'] - 1} only)"
+                        if rows
+                        else ""
+                    )
+                    + f". Pool size: {POOL_NOTE.get(task, '?')}."
                 )
                 lines.append("")
                 header = ["method", "no DP"] + [f"ε={e}".replace("inf", "∞") for e in eps_cols]

@@ -121,6 +121,11 @@ class EvalConfig:
     """Other runs' output folders (or cache.json files) whose cells are imported into this
     run's cache first (cells already here are kept): pieces run in different folders become
     one report."""
+    report_rows: tuple[int, int] | None = None
+    """Score only test rows ``[start, end)`` (of this run's test rows, in their fixed order) in
+    the report, from the per-row hits each cell keeps; nothing is recomputed. For rows held
+    out from an earlier look at the first ones. Cells cached before per-row hits were kept
+    cannot be sliced; they are left out and counted in ``results["cells_unsliceable"]``."""
 
 
 def eps_key(eps: float | None) -> str | None:
@@ -314,6 +319,8 @@ def run_cell(engine: Any, cell: dict[str, Any], data: TaskData, cfg: EvalConfig)
         "calibrated": sc.calibrated,
         "n": sc.n,
         "label_token_collisions": sc.collisions,
+        "hits": sc.hits,
+        "hits_calibrated": sc.hits_calibrated,
         "demonstrations": [list(x) for x in demos],
         "empty_demonstrations": sum(1 for t, _ in demos if not t.strip()),
         "seconds_demos": round(t1 - t0, 2),
@@ -416,6 +423,29 @@ def _mean_std(xs: Sequence[float]) -> dict[str, float | int]:
     }
 
 
+def slice_rows(res: dict[str, Any], start: int, end: int) -> dict[str, Any] | None:
+    """``res`` scored on test rows ``[start, end)`` only, from its per-row hits; ``None`` for a
+    cell cached before per-row hits were kept."""
+    hits = res.get("hits")
+    if not hits:
+        return None
+    part = hits[start:end]
+    if not part:
+        raise ValueError(f"--report-rows {start}:{end} holds no test rows (a cell has {len(hits)})")
+    out = dict(res, accuracy=part.count("1") / len(part), n=len(part))
+    cal = res.get("hits_calibrated")
+    if cal:
+        out["calibrated"] = cal[start:end].count("1") / len(part)
+    return out
+
+
+def _rows_reported(cfg: EvalConfig, n: int) -> int:
+    if cfg.report_rows is None:
+        return n
+    start, end = cfg.report_rows
+    return len(range(n)[start:end])
+
+
 def collect(
     cfg: EvalConfig,
     tasks: dict[str, TaskData],
@@ -425,9 +455,15 @@ def collect(
     """Aggregate cached cells into the summary (accuracies in %)."""
     groups: dict[tuple[str, int, str, str | None], list[dict[str, Any]]] = {}
     cells_out = []
+    unsliceable = 0
     for name, cell in grid:
         res = cache.get(cell)
         assert res is not None
+        if cfg.report_rows is not None:
+            res = slice_rows(res, *cfg.report_rows)
+            if res is None:
+                unsliceable += 1
+                continue
         cells_out.append({"cell": cell, "result": res})
         shots = cell["shots"]
         groups.setdefault((name, shots, cell["method"], cell["epsilon"]), []).append(res)
@@ -451,7 +487,7 @@ def collect(
             "kind": td.fmt.kind,
             "demo_labels": list(td.spec.demo_labels),
             "public_pool_size": td.spec.public_pool_size,
-            "test_rows": len(td.test),
+            "test_rows": _rows_reported(cfg, len(td.test)),
             "settings": {m: dp_settings(cfg, td.spec, m) for m in DP_METHODS},
         }
     return {
@@ -468,7 +504,9 @@ def collect(
             "delta": DELTA,
             "engine": cfg.engine,
             "report_only": cfg.report_only,
+            "report_rows": list(cfg.report_rows) if cfg.report_rows else None,
         },
+        "cells_unsliceable": unsliceable,
         "tasks": task_info,
         "summary": summary,
         "cells": cells_out,

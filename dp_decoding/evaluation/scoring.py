@@ -39,6 +39,16 @@ class Score:
     n: int
     collisions: bool = False
     """True when two labels share a first token (the scorer cannot tell them apart)."""
+    hits: str = ""
+    """Per test row, in order, ``1`` where the (raw) prediction is right: any slice of the
+    test rows can be scored later from it (the mean of a slice is that slice's accuracy)."""
+    hits_calibrated: str | None = None
+    """The same for the calibrated prediction. Calibration weights come from the
+    content-free inputs alone, so a slice's calibrated accuracy needs no other row."""
+
+
+def _bits(mask: np.ndarray | Sequence[bool]) -> str:
+    return "".join("1" if bool(x) else "0" for x in mask)
 
 
 def split_prompt(task: TaskFormat, demos: Sequence[tuple[str, str]], query: str) -> tuple[str, str]:
@@ -139,12 +149,19 @@ def score_classification(
         lp = _label_logprobs(engine, prefix, suffixes, cand, chunk)
     p = _normalise(lp)
     p_test, p_cf = p[: len(test)], p[len(test) :]
-    raw = float(np.mean(p_test.argmax(axis=1) == gold))
+    raw_hits = p_test.argmax(axis=1) == gold
     w = 1.0 / np.maximum(p_cf.mean(axis=0), 1e-12)
     cal = p_test * w
     cal = cal / cal.sum(axis=1, keepdims=True)
-    calibrated = float(np.mean(cal.argmax(axis=1) == gold))
-    return Score(raw, calibrated, len(test), collide)
+    cal_hits = cal.argmax(axis=1) == gold
+    return Score(
+        float(np.mean(raw_hits)),
+        float(np.mean(cal_hits)),
+        len(test),
+        collide,
+        hits=_bits(raw_hits),
+        hits_calibrated=_bits(cal_hits),
+    )
 
 
 def greedy_answers(
@@ -207,7 +224,7 @@ def score_extraction(
         suffixes = [engine.tokenize(split_prompt(task, demos, q)[1]) for q, _ in test]
         answers = greedy_answers(engine, prefix, suffixes, max_new, chunk)
     hits = [extract(a) == gold.strip() for a, (_, gold) in zip(answers, test, strict=True)]
-    return Score(float(np.mean(hits)), None, len(test))
+    return Score(float(np.mean(hits)), None, len(test), hits=_bits(hits))
 
 
 def score(
