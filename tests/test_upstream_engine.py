@@ -491,9 +491,10 @@ def vllm_server(tmp_path_factory) -> Iterator[str]:  # type: ignore[no-untyped-d
     ``logit_bias`` (so probing can be tested too); with greedy requests and no bias they equal
     the raw ones. ``--max-logprobs 64`` allows public top-k up to 64.
     """
+    from dp_decoding.engines.dtype import default_dtype
     from dp_decoding.engines.model_files import ensure_model_dir
 
-    model_dir = ensure_model_dir()
+    model_dir = ensure_model_dir()  # the embedded engine's dtype rule, so the two agree
     port = _free_port()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
@@ -502,7 +503,7 @@ def vllm_server(tmp_path_factory) -> Iterator[str]:  # type: ignore[no-untyped-d
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir), "--served-model-name", SERVED,
         "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "2048",
+        "--enforce-eager", "--dtype", default_dtype(), "--max-model-len", "2048",
         "--logprobs-mode", "processed_logprobs", "--max-logprobs", "64",
     ]  # fmt: skip
     with log_path.open("wb") as log:

@@ -1,4 +1,5 @@
-"""The embedded CPU engine: transformers + torch on SmolLM2-135M-Instruct (bf16).
+"""The embedded CPU engine: transformers + torch on SmolLM2-135M-Instruct (bf16 where the CPU
+computes bf16, float32 elsewhere: see :mod:`dp_decoding.engines.dtype`).
 
 Rows are left-padded so every row's next token sits in the last column; the KV cache of the
 prefill is kept and each ``append`` runs a single batched decode step over it.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dp_decoding.engines.dtype import default_dtype
 from dp_decoding.engines.hf_tokenizer import HFTokenizerMixin
 from dp_decoding.engines.model_files import MODEL_NAME, ensure_model_dir
 
@@ -30,7 +32,7 @@ class EmbeddedEngine(HFTokenizerMixin):
     def __init__(
         self,
         model_dir: str | Path | None = None,
-        dtype: str = "bfloat16",
+        dtype: str | None = None,
         threads: int | None = None,
     ) -> None:
         import torch
@@ -39,7 +41,8 @@ class EmbeddedEngine(HFTokenizerMixin):
         torch.set_num_threads(threads or os.cpu_count() or 1)
         path = Path(model_dir) if model_dir else ensure_model_dir()
         self._torch = torch
-        self.dtype = getattr(torch, dtype)
+        self.dtype_name = dtype or default_dtype()
+        self.dtype = getattr(torch, self.dtype_name)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype)
         self.model.eval()

@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from dp_decoding.engines.dtype import default_dtype
 from dp_decoding.engines.hf_tokenizer import HFTokenizerMixin
 from dp_decoding.engines.model_files import MODEL_NAME, ensure_model_dir
 from dp_decoding.engines.resubmitted_rows import ResubmittedRows
@@ -130,7 +131,7 @@ class VLLMEngine(HFTokenizerMixin):
     def __init__(
         self,
         model_dir: str | Path | None = None,
-        dtype: str = "bfloat16",
+        dtype: str | None = None,
         *,
         max_model_len: int = 4096,
         block_size: int | None = None,
@@ -157,6 +158,8 @@ class VLLMEngine(HFTokenizerMixin):
         from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS
 
         path = Path(model_dir) if model_dir else ensure_model_dir()
+        # the embedded engine's rule (bf16 on a GPU or a bf16-capable CPU, float32 elsewhere)
+        dtype = dtype or default_dtype(gpu=not current_platform.is_cpu())
         self._SamplingParams = SamplingParams
         self._TokensPrompt = TokensPrompt
         self.max_logprob_token_ids = int(MAX_LOGPROB_TOKEN_IDS)

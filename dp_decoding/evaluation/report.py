@@ -32,7 +32,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines = [
         "# dpicl eval: accuracy (%) of in-context learning with DP demonstrations",
         "",
-        f"Model SmolLM2-135M-Instruct ({cfg.get('engine', 'embedded')} engine). "
+        f"Model SmolLM2-135M-Instruct ({cfg.get('engine', 'embedded')} engine"
+        + (f", {cfg['dtype']}" if cfg.get("dtype") else "")
+        + "). "
         f"δ = {cfg['delta']:g}. "
         f"Seeds: {cfg['seeds']} (mean ± std over seeds). Seed mode: {cfg['seed_mode']}. "
         f"Settings: {'paper' if cfg['paper_settings'] else 'budget'}"

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from dp_decoding.engines.dtype import default_dtype
 from dp_decoding.evaluation.cache import Cache, cell_key
 from dp_decoding.evaluation.demos import (
     dp_demonstrations,
@@ -246,6 +247,10 @@ def cells_for(cfg: EvalConfig, spec: EvalTask) -> list[dict[str, Any]]:
     common = {"task": spec.name, "test_rows": cfg.test_rows, "model": "SmolLM2-135M-Instruct"}
     if cfg.engine != "embedded":
         common["engine"] = cfg.engine
+    elif (dtype := default_dtype()) != "bfloat16":
+        # the embedded engine computes in float32 on CPUs without bf16 instructions: a
+        # different arithmetic, so a different cell (bf16 cells keep their earlier keys)
+        common["dtype"] = dtype
     if spec.name == "custom":
         common.update(train=cfg.train, test=cfg.test, labels=cfg.labels)
     for m in ("zero-shot", "zero-shot-chat"):
@@ -503,6 +508,7 @@ def collect(
             "seed_mode": cfg.seed_mode,
             "delta": DELTA,
             "engine": cfg.engine,
+            "dtype": default_dtype() if cfg.engine == "embedded" else None,
             "report_only": cfg.report_only,
             "report_rows": list(cfg.report_rows) if cfg.report_rows else None,
         },
