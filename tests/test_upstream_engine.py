@@ -494,11 +494,12 @@ def vllm_server(tmp_path_factory) -> Iterator[str]:  # type: ignore[no-untyped-d
     from dp_decoding.engines.dtype import default_dtype
     from dp_decoding.engines.model_files import ensure_model_dir
 
-    model_dir = ensure_model_dir()  # the embedded engine's dtype rule, so the two agree
+    model_dir = ensure_model_dir()
     port = _free_port()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # set by the in-process vLLM engine tests
+    # --dtype follows the embedded engine's rule, so the two engines compare in one dtype
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir), "--served-model-name", SERVED,

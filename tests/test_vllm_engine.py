@@ -4,9 +4,10 @@ Skipped cleanly when ``vllm`` is not importable (install it with ``make install-
 vLLM runs in-process and pins this process's torch threads, so conftest.py runs these tests
 after all others.
 
-Tolerances (both engines in one dtype, bf16 or float32 by dp_decoding.engines.dtype; different kernels): total-variation distance between the
-two next-token distributions < 0.05 (seen: ≤ 0.02), the same argmax, and every token that the
-embedded engine gives p ≥ 1% within 0.15 nats (seen: ≤ 0.06).
+Tolerances (both engines in one dtype, bf16 or float32 by dp_decoding.engines.dtype; different
+kernels): total-variation distance between the two next-token distributions < 0.05 (seen in
+bf16: ≤ 0.02), the same argmax, and every token that the embedded engine gives p ≥ 1% within
+0.15 nats (seen in bf16: ≤ 0.06).
 """
 
 from __future__ import annotations

@@ -41,8 +41,7 @@ class EmbeddedEngine(HFTokenizerMixin):
         torch.set_num_threads(threads or os.cpu_count() or 1)
         path = Path(model_dir) if model_dir else ensure_model_dir()
         self._torch = torch
-        self.dtype_name = dtype or default_dtype()
-        self.dtype = getattr(torch, self.dtype_name)
+        self.dtype = getattr(torch, dtype or default_dtype())
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype)
         self.model.eval()
