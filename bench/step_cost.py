@@ -161,9 +161,9 @@ class TimingEngine:
         self.captured = []
         self.single_row = [0.0]
 
-    def start(self, prompts: Sequence[Sequence[int]]) -> Any:
+    def start(self, prompts: Sequence[Sequence[int]], *, width: int | None = None) -> Any:
         t = time.perf_counter()
-        batch = self._engine.start(prompts)
+        batch = self._engine.start(prompts, width=width)
         self.starts.append((len(prompts), time.perf_counter() - t))
         self.captured.append([list(p) for p in prompts])
         return TimingBatch(batch, self.single_row) if len(prompts) == 1 else batch

@@ -28,13 +28,9 @@ from dp_decoding.mechanisms import Mechanism, aggregate
 from dp_decoding.noise import new_job_key, os_entropy_rng
 from dp_decoding.plan import Plan
 from dp_decoding.records import Record
+from dp_decoding.rows import RowBuilder
 from dp_decoding.slots import SlotAssigner
-from prompts import (
-    TaskFormat,
-    clean_demonstration,
-    generation_prompt,
-    public_generation_prompt,
-)
+from prompts import TaskFormat, clean_demonstration
 
 
 @dataclass(frozen=True)
@@ -92,7 +88,12 @@ class DemoGenerator:
         max_rows: int = 128,
         progress: ProgressCallback | None = None,
         in_engine: bool | None = None,
+        pad_rows: bool = True,
     ) -> None:
+        """``pad_rows=False`` starts private batches at their rows' own longest length: the
+        row-independence violation this module exists to prevent. It is there only so that the
+        audit's neighbour check has a positive control and the benchmarks a baseline; the CLI
+        and the server never set it."""
         self.engine = engine
         self.plan = plan
         self.task = task
@@ -101,9 +102,13 @@ class DemoGenerator:
         self.max_rows = max(max_rows, plan.M)
         self.progress_cb = progress
         self.in_engine = in_engine
+        self.pad_rows = pad_rows
         self.fallback_groups = 0  # in-engine groups continued by the step loop (lockstep broke)
         self.mechanism: Mechanism = plan.mechanism_obj()
         self.gate = plan.gate_obj()
+        self.rows = RowBuilder(engine.tokenize, task, plan.labels, plan.example_token_limit)
+        self.width = self.rows.width(plan.N)
+        """Every private row is padded to this many tokens (+ the released ones): declared."""
         nl = engine.tokenize("\n")
         self._stop_ids = frozenset(engine.eos_token_ids) | frozenset(nl[-1:])
         self._newline_tokens: dict[int, bool] = {}
@@ -113,13 +118,14 @@ class DemoGenerator:
         plan = self.plan
         pools: dict[str, list[Record]] = defaultdict(list)
         declared = set(plan.labels)
-        for r in records:
+        # identical records (same unit, label and text) are one record: a duplicate changes
+        # nothing; undeclared labels are dropped without saying how many
+        for r in dict.fromkeys(records):
             if r.label in declared:
                 pools[r.label].append(r)
         self._progress = Progress(demonstrations_total=len(plan.labels) * plan.shots)
-        self._token_cache: dict[str, str] = {}
         groups = [
-            _Group(label, i, [], self.engine.tokenize(public_generation_prompt(self.task, label)))
+            _Group(label, i, [], self.rows.public_row(label))
             for label in plan.labels
             for i in range(plan.shots)
         ]
@@ -145,19 +151,16 @@ class DemoGenerator:
         ]
 
     # -- prompts ---------------------------------------------------------------------------
-    def _example_text(self, text: str) -> str:
-        """Truncate a private example to the declared per-example token limit."""
-        cached = self._token_cache.get(text)
-        if cached is None:
-            ids = self.engine.tokenize(text)
-            limit = self.plan.example_token_limit
-            cached = text if len(ids) <= limit else self.engine.decode(ids[:limit])
-            self._token_cache[text] = cached
-        return cached
-
     def _prompt_ids(self, label: str, members: Sequence[Record]) -> list[int]:
-        texts = [self._example_text(r.text) for r in members]
-        return self.engine.tokenize(generation_prompt(self.task, label, texts))
+        """One private row (at most :attr:`width` tokens, see :mod:`dp_decoding.rows`)."""
+        return self.rows.private_row(label, [r.text for r in members])
+
+    def _start_private(self, rows: list[list[int]], released: int) -> Batch:
+        """One private engine call with every row padded to the declared width plus the
+        ``released`` tokens the rows carry: the call's shapes never depend on records."""
+        if not self.pad_rows:
+            return self.engine.start(rows)
+        return self.engine.start(rows, width=self.width + released)
 
     def _fill_fixed_prompts(self, groups: list[_Group], pools: dict[str, list[Record]]) -> None:
         plan = self.plan
@@ -315,6 +318,7 @@ class DemoGenerator:
             candidates=self._candidates(None),
             is_stop=self._is_stop,
             max_tokens=self.plan.max_tokens,
+            width=self.width if self.pad_rows else None,
         )
         for g, res in zip(groups, results, strict=True):
             for tok in res.tokens:
@@ -327,8 +331,9 @@ class DemoGenerator:
         rows start from them and the next position is the first one decided here."""
         M = self.plan.M
         public = self._start_public(wave)
-        private: Batch | None = self.engine.start(
-            [p + g.generated for g in wave for p in g.prompts]
+        private: Batch | None = self._start_private(
+            [p + g.generated for g in wave for p in g.prompts],
+            max(len(g.generated) for g in wave),
         )
         filler = next(iter(self.engine.eos_token_ids))
         try:
@@ -383,10 +388,12 @@ class DemoGenerator:
         assert plan.q is not None
         M = plan.M
         units = {label: sorted({r.unit for r in pools.get(label, [])}) for label in plan.labels}
-        by_unit: dict[str, list[Record]] = defaultdict(list)
+        # a label's prompts hold that label's records only: at user level a user's records of
+        # other labels stay in their own labels' pools
+        by_unit: dict[tuple[str, str], list[Record]] = defaultdict(list)
         for label in plan.labels:
             for r in pools.get(label, []):
-                by_unit[r.unit].append(r)
+                by_unit[(label, r.unit)].append(r)
         public = self._start_public(wave)
         filler = next(iter(self.engine.eos_token_ids))
         try:
@@ -396,11 +403,15 @@ class DemoGenerator:
                 rows: list[list[int]] = []
                 for g in live:
                     step = len(g.generated)
-                    sample = [r for u in self._poisson_sample(units[g.label]) for r in by_unit[u]]
+                    sample = [
+                        r
+                        for u in self._poisson_sample(units[g.label])
+                        for r in by_unit[(g.label, u)]
+                    ]
                     domain = f"resampled/{g.label}/{g.index}/{step}".encode()
                     slots = SlotAssigner(self.job_key, M, plan.N, domain=domain).assign(sample)
                     rows.extend(self._prompt_ids(g.label, s) + g.generated for s in slots)
-                batch = self.engine.start(rows)
+                batch = self._start_private(rows, max(len(g.generated) for g in live))
                 try:
                     lp, cands, cols = self._step_logprobs(batch, wave, pub_lp)
                 finally:

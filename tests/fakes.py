@@ -63,6 +63,7 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.started: list[list[list[int]]] = []
+        self.widths: list[int | None] = []
         self.batches: list[FakeBatch] = []
         self.logprob_calls = 0
 
@@ -72,7 +73,10 @@ class FakeEngine:
     def decode(self, token_ids: Sequence[int]) -> str:
         return "".join("\n" if t == NEWLINE else chr(ord("a") + t % 26) for t in token_ids)
 
-    def start(self, prompts: Sequence[Sequence[int]]) -> FakeBatch:
+    def start(self, prompts: Sequence[Sequence[int]], *, width: int | None = None) -> FakeBatch:
+        """Records the rows; with ``width`` (private batches) every row must fit in it."""
+        assert width is None or all(len(p) <= width for p in prompts), "row over its width"
+        self.widths.append(width)
         self.started.append([list(p) for p in prompts])
         self.batches.append(FakeBatch(self, prompts))
         return self.batches[-1]

@@ -110,16 +110,18 @@ def test_steps_match_reprefill_and_one_call_per_step(vengine) -> None:  # type: 
         batch.logprobs()
 
 
-def test_prefix_cache_is_on_and_salted_per_batch(vengine) -> None:  # type: ignore[no-untyped-def]
+def test_prefix_cache_is_on_and_salted_per_row(vengine) -> None:  # type: ignore[no-untyped-def]
     assert vengine.prefix_caching
     ids = long_prompt(vengine)
     a = vengine.start([ids, ids])
     b = vengine.start([ids])
-    assert a.cache_salt != b.cache_salt
+    # every row of a private batch has its own salt: no row hits another row's blocks
+    assert len(set(a.cache_salts)) == 2 and not set(a.cache_salts) & set(b.cache_salts)
     a.logprobs([5])
+    assert a.last_cached_tokens == [0, 0]
     a.append([5, 5])
     a.logprobs([5])
-    # the batch's second step reuses the KV blocks of its first
+    # each row's second step reuses the KV blocks of its own first
     assert min(a.last_cached_tokens) >= 256
     # another batch with the same prompt but its own salt shares nothing with it
     b.logprobs([5])

@@ -54,6 +54,23 @@ class Engine(Protocol):
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
-    def start(self, prompts: Sequence[Sequence[int]]) -> Batch:
-        """Prefill ``prompts`` (token ids, no padding) as one batch."""
+    def start(self, prompts: Sequence[Sequence[int]], *, width: int | None = None) -> Batch:
+        """Prefill ``prompts`` (token ids, no padding) as one batch.
+
+        ``width`` (private batches): every row is padded to exactly ``width`` tokens before
+        the engine sees it, so the shapes, the scheduling and the kernels of the call depend on
+        the declared width only, never on the prompts' own lengths (row independence, see
+        :func:`check_prompts`)."""
         ...
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], width: int | None) -> None:
+    """Refuse an empty batch, an empty row, or (with ``width``) a row longer than ``width``.
+
+    The messages carry no length: a private row's length is private."""
+    if not prompts:
+        raise ValueError("start() needs at least one prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if width is not None and any(len(p) > width for p in prompts):
+        raise ValueError("a prompt is longer than the batch's declared width")

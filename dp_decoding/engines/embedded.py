@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dp_decoding.engines.base import check_prompts
 from dp_decoding.engines.dtype import default_dtype
 from dp_decoding.engines.hf_tokenizer import HFTokenizerMixin
 from dp_decoding.engines.model_files import MODEL_NAME, ensure_model_dir
@@ -53,21 +54,23 @@ class EmbeddedEngine(HFTokenizerMixin):
         self.lock = threading.Lock()
 
     # -- batches ---------------------------------------------------------------------------
-    def start(self, prompts: Sequence[Sequence[int]]) -> EmbeddedBatch:
-        if not prompts:
-            raise ValueError("start() needs at least one prompt")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        return EmbeddedBatch(self, prompts)
+    def start(self, prompts: Sequence[Sequence[int]], *, width: int | None = None) -> EmbeddedBatch:
+        """Prefill ``prompts`` as one batch. With ``width`` every row is left-padded (masked)
+        to exactly ``width`` tokens, so the batch's shape is ``[rows, width]`` whatever the
+        prompts' own lengths; a longer prompt is refused."""
+        check_prompts(prompts, width)
+        return EmbeddedBatch(self, prompts, width)
 
 
 class EmbeddedBatch:
     """Rows of one engine call, advanced together; holds their KV cache."""
 
-    def __init__(self, engine: EmbeddedEngine, prompts: Sequence[Sequence[int]]) -> None:
+    def __init__(
+        self, engine: EmbeddedEngine, prompts: Sequence[Sequence[int]], width: int | None = None
+    ) -> None:
         torch = engine._torch
         self._engine = engine
-        width = max(len(p) for p in prompts)
+        width = width if width is not None else max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), engine.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):

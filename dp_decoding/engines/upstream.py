@@ -72,6 +72,7 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 
+from dp_decoding.engines.base import check_prompts
 from dp_decoding.engines.hf_tokenizer import HFTokenizerMixin
 from dp_decoding.engines.resubmitted_rows import ResubmittedRows
 
@@ -330,15 +331,18 @@ class UpstreamEngine:
         *,
         public: bool = False,
         cache_salt: str | None = None,
+        width: int | None = None,
     ) -> UpstreamBatch:
         """A batch of rows (token ids). ``public=True`` declares that the prompts hold no
         private records (the public candidate prompt), which allows ``logprobs(None)``.
-        ``cache_salt`` defaults to a fresh random salt for this batch."""
-        if not prompts:
-            raise ValueError("start() needs at least one prompt")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        return UpstreamBatch(self, prompts, cache_salt or secrets.token_urlsafe(32), public)
+        ``cache_salt`` defaults to a fresh random salt for this batch. ``width`` left-pads
+        every row with an end-of-text token to that many tokens (real context: a remote
+        server has no attention mask for it), so every request has declared shapes; how the
+        remote server batches them with other traffic is outside this process (README)."""
+        check_prompts(prompts, width)
+        pad = min(self.eos_token_ids)
+        rows = [[pad] * (0 if width is None else width - len(p)) + list(p) for p in prompts]
+        return UpstreamBatch(self, rows, cache_salt or secrets.token_urlsafe(32), public)
 
     # -- HTTP ----------------------------------------------------------------------------------
     def _payload(self, rows: list[list[int]], salt: str, logprobs: int) -> dict[str, Any]:

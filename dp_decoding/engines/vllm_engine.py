@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from dp_decoding.engines.base import check_prompts
 from dp_decoding.engines.dtype import default_dtype
 from dp_decoding.engines.hf_tokenizer import HFTokenizerMixin
 from dp_decoding.engines.model_files import MODEL_NAME, ensure_model_dir
@@ -193,6 +194,8 @@ class VLLMEngine(HFTokenizerMixin):
         self.dtype = dtype
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         self.eos_token_ids = self._eos_ids()
+        self.pad_token_id = 0  # <|endoftext|>: the left padding of private rows
+        self.max_context = int(max_model_len)
         self.lock = threading.Lock()
         self._request_keys = itertools.count()
 
@@ -218,12 +221,15 @@ class VLLMEngine(HFTokenizerMixin):
         is_stop: Callable[[int], bool],
         max_tokens: int,
         prefixes: Sequence[Sequence[int]] | None = None,
+        width: int | None = None,
     ) -> list[GroupResult]:
         """Generate each group's demonstration inside the engine (design 2).
 
         ``groups[g]`` holds the M private prompts of generation ``g``; ``choose(scores)`` is
         the mechanism's single noisy draw (its generator stays in this process); ``prefixes``
-        (optional) are already released tokens appended to every row of a group. Returns per
+        (optional) are already released tokens appended to every row of a group; ``width``
+        pads every prompt to that many tokens (:meth:`pad_row`) so that waves and scheduling
+        depend on the declared width only. Returns per
         group the tokens chosen by this call; a group whose rows were not scheduled in lockstep
         comes back with ``broken_at`` set and must be continued by the step loop.
         """
@@ -232,7 +238,9 @@ class VLLMEngine(HFTokenizerMixin):
         prefixes = prefixes or [[] for _ in groups]
         rows_cap, toks_cap = self.step_capacity
         out: list[GroupResult | None] = [None] * len(groups)
-        full = [[list(p) + list(prefixes[gi]) for p in g] for gi, g in enumerate(groups)]
+        full = [
+            [self.pad_row(p, width) + list(prefixes[gi]) for p in g] for gi, g in enumerate(groups)
+        ]
         for wave in plan_waves(full, rows_cap, toks_cap):
             budget = [max_tokens - len(prefixes[gi]) for gi in wave]
             job = AggregationJob(
@@ -244,12 +252,14 @@ class VLLMEngine(HFTokenizerMixin):
                 max_tokens=max_tokens,
             )
             tag = new_job_tag()
-            salt = secrets.token_urlsafe(16)  # one fresh salt for this job's rows only
             prompts, params = [], []
             for j, gi in enumerate(wave):
                 if budget[j] <= 0:
                     continue
                 for member, row in enumerate(full[gi]):
+                    # a fresh salt per row: no row reuses another row's cached blocks, so
+                    # which prefix blocks hit never depends on the other rows' contents
+                    salt = secrets.token_urlsafe(16)
                     prompts.append(self._TokensPrompt(prompt_token_ids=row, cache_salt=salt))
                     params.append(
                         self._SamplingParams(
@@ -280,23 +290,47 @@ class VLLMEngine(HFTokenizerMixin):
         return bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
 
     # -- batches ---------------------------------------------------------------------------
+    def pad_row(self, prompt: Sequence[int], width: int | None) -> list[int]:
+        """``prompt`` left-padded to ``width`` tokens with ``<|endoftext|>``.
+
+        vLLM has no attention mask for a prompt, so the padding is real context: the row's
+        distribution depends on its own length (its own record, nothing else), and every row of
+        a private call has the same length, so shapes, waves and scheduling are declared."""
+        if width is None:
+            return list(prompt)
+        if len(prompt) > width:
+            raise ValueError("a prompt is longer than the batch's declared width")
+        return [self.pad_token_id] * (width - len(prompt)) + list(prompt)
+
     def start(
-        self, prompts: Sequence[Sequence[int]], *, cache_salt: str | None = None
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        cache_salt: str | None = None,
+        width: int | None = None,
     ) -> VLLMBatch:
-        """A batch of rows; ``cache_salt`` defaults to a fresh random salt for this batch."""
-        if not prompts:
-            raise ValueError("start() needs at least one prompt")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        return VLLMBatch(self, prompts, cache_salt or secrets.token_urlsafe(16))
+        """A batch of rows. Without ``cache_salt`` every row gets its own fresh random salt
+        (private batches: no row hits another row's prefix blocks); ``width`` pads every row
+        to that many tokens (:meth:`pad_row`)."""
+        check_prompts(prompts, width)
+        rows = [self.pad_row(p, width) for p in prompts]
+        salts = (
+            [cache_salt] * len(rows)
+            if cache_salt is not None
+            else [secrets.token_urlsafe(16) for _ in rows]
+        )
+        return VLLMBatch(self, rows, salts)
 
     def _step(
-        self, rows: list[list[int]], salt: str, candidates: np.ndarray | None
+        self, rows: list[list[int]], salts: Sequence[str], candidates: np.ndarray | None
     ) -> tuple[np.ndarray, list[int]]:
         """One ``generate`` over all rows: ``[rows, K]`` (or ``[rows, V]``) log-probabilities
         and each row's count of prompt tokens served from the prefix cache."""
         SP = self._SamplingParams
-        prompts = [self._TokensPrompt(prompt_token_ids=r, cache_salt=salt) for r in rows]
+        prompts = [
+            self._TokensPrompt(prompt_token_ids=r, cache_salt=s)
+            for r, s in zip(rows, salts, strict=True)
+        ]
         common = {"max_tokens": 1, "temperature": 0.0, "detokenize": False}
         with self.lock:
             if candidates is not None and len(candidates) <= self.max_logprob_token_ids:
@@ -322,12 +356,14 @@ class VLLMEngine(HFTokenizerMixin):
 
 
 class VLLMBatch(ResubmittedRows):
-    """Rows of one generation, resubmitted each step with this batch's own cache salt."""
+    """Rows of one generation, each resubmitted every step with its own cache salt."""
 
-    def __init__(self, engine: VLLMEngine, prompts: Sequence[Sequence[int]], salt: str) -> None:
+    def __init__(
+        self, engine: VLLMEngine, prompts: Sequence[Sequence[int]], salts: Sequence[str]
+    ) -> None:
         self._engine = engine
         super().__init__(prompts)
-        self.cache_salt = salt
+        self.cache_salts = list(salts)
         self._cached: np.ndarray | None = None  # full-vocabulary result of the current step
         self.last_cached_tokens: list[int] = []  # prefix-cache hits of the last engine call
 
@@ -336,7 +372,7 @@ class VLLMBatch(ResubmittedRows):
         cand = None if candidates is None else np.asarray(candidates, dtype=np.int64)
         if self._cached is not None:
             return self._cached if cand is None else self._cached[:, cand]
-        lp, self.last_cached_tokens = self._engine._step(self._rows, self.cache_salt, cand)
+        lp, self.last_cached_tokens = self._engine._step(self._rows, self.cache_salts, cand)
         if cand is None:
             self._cached = lp
         return lp

@@ -27,7 +27,7 @@ from dp_decoding.engines.base import Engine
 from dp_decoding.generate import DemoGenerator
 from dp_decoding.plan import Plan
 from dp_decoding.records import Record
-from prompts import TaskFormat, clean_demonstration, generation_prompt, public_generation_prompt
+from prompts import TaskFormat, clean_demonstration, public_generation_prompt
 
 COPY = "\x00copy-for\x00"
 """Separates a unit id from the target it is copied for (resampled extraction only)."""
@@ -51,11 +51,8 @@ class ExtractionDemoGenerator(DemoGenerator):
         self._spans = spans
 
     def _prompt_ids(self, label: str, members: Sequence[Record]) -> list[int]:
-        pairs = [
-            (self._example_text(r.text), self._spans[(r.text, r.unit.split(COPY)[0])])
-            for r in members
-        ]
-        return self.engine.tokenize(generation_prompt(self.task, label, pairs))
+        pairs = [(r.text, self._spans[(r.text, r.unit.split(COPY)[0])]) for r in members]
+        return self.rows.private_row(label, pairs)
 
 
 def interleave(demos: Sequence[Demo], labels: Sequence[str]) -> list[Demo]:
