@@ -3,8 +3,9 @@
 :func:`os_entropy_rng` returns a :class:`SecureRandom`, made once per job. Its invariant: every
 bit of noise that a mechanism, the gate or the subsampler consumes comes from the operating
 system's cryptographically secure generator (``os.urandom``, i.e. ``getrandom(2)``), or from
-OpenDP's samplers, which draw from the OS CSPRNG themselves; there is no seed, no user-space
-generator state to recover, and nothing to log. Its methods mirror the few
+OpenDP's samplers, whose bits come from its own CSPRNG (a thread-local AES CTR_DRBG, NIST SP
+800-90A, seeded from OS entropy); this module keeps no seed and no generator state to recover,
+and nothing is logged. Its methods mirror the few
 ``numpy.random.Generator`` methods the generation loop calls (``random``, ``gumbel``,
 ``laplace``, ``normal``), so a seeded ``numpy.random.Generator`` can stand in for it in tests
 (duck typing), plus two exact samplers from OpenDP (:meth:`SecureRandom.grid_laplace`,
