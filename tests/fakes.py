@@ -84,7 +84,7 @@ class FakeEngine:
 
 class CountingRng:
     """A seeded ``numpy`` Generator that counts every draw by method name (``draws["gumbel"]``,
-    ``draws["normal"]``, ``draws["laplace"]``, ...): the noise a generation loop consumed."""
+    ``draws["normal"]``, ``draws["geometric"]``, ...): the noise a generation loop consumed."""
 
     def __init__(self, seed: int = 3) -> None:
         self.inner = np.random.default_rng(seed)
