@@ -210,8 +210,14 @@ def run_dp(
     records: Sequence[Record],
     job_key: bytes,
     stop_after: int | None = None,
+    *,
+    before: bool = False,
 ) -> DPRun:
-    """One DemoGenerator run on one label; per-step times from the progress callback."""
+    """One DemoGenerator run on one label; per-step times from the progress callback.
+
+    ``before``: the loop as it was before the privacy hardening, for a side-by-side figure in
+    the same run: private rows not padded to the declared width, noise from numpy's PCG64DXSM
+    float samplers instead of the OS CSPRNG (+ OpenDP) source."""
     cls = bench_generator_class()
     stamps: list[float] = []
     gen = cls(
@@ -220,6 +226,8 @@ def run_dp(
         task,
         job_key=job_key,
         progress=lambda _p: stamps.append(time.perf_counter()),
+        pad_rows=not before,
+        rng=np.random.Generator(np.random.PCG64DXSM()) if before else None,
     )
     gen.stop_after = stop_after  # type: ignore[attr-defined]
     gen.emitted = []  # type: ignore[attr-defined]
@@ -568,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dp_decoding.noise import new_job_key
     from dp_decoding.plan import make_plan
     from dp_decoding.records import load_jsonl
+    from dp_decoding.rows import RowBuilder
     from prompts import get_task
 
     engine = EmbeddedEngine(threads=args.threads)
@@ -608,6 +617,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"fixed M={M}: DP candidates=all ...")
         runs["all"] = run_dp(proxy, plan_for(M, "all"), task, pool, key)
         assert next(p for p in runs["all"].prompts if len(p) == M) == prompts
+        for cand in ("public-topk", "all"):
+            log(f"fixed M={M}: DP candidates={cand}, before the hardening ...")
+            runs[f"{cand} (before)"] = run_dp(
+                proxy, plan_for(M, cand), task, pool, key, before=True
+            )
         foreign = max([plain.foreign] + [r.foreign for r in runs.values()])
         return FixedBlock(M, runs, plain, prompts, foreign)
 
@@ -622,12 +636,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if blk.plain.kv_bytes:
             kv_per_token = blk.plain.kv_bytes / M / blk.plain.width
         lens = [len(p) for p in blk.prompts]
+        width = RowBuilder(engine.tokenize, task, [LABEL], 96).width(N) + T - 1
         for cand, r in blk.runs.items():
             plain = blk.plain
             fixed_rows.append(
                 {
                     "M": M,
                     "cand": cand,
+                    "width": "–" if cand.endswith("(before)") else width,
                     "len_mean": mean(lens),
                     "len_max": max(lens),
                     "dp_prefill": sum(s for _, s in r.starts),
@@ -749,18 +765,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "False so every run is the full T tokens. DP tok/s = demonstration tokens per second "
         "(one per step); plain steps/s = batched steps per second (each extends all M rows). "
         "*Of which public call* = the public prompt's batch (`append` + `logprobs`, one row, "
-        "its own engine call) divided by T-1.",
+        "its own engine call) divided by T-1. Rows marked *(before)* run the loop as it was "
+        "before the privacy hardening, in the same run: private rows left-padded only to the "
+        "longest row of the batch (not to the declared width) and noise from numpy's "
+        "PCG64DXSM float samplers (not the OS CSPRNG / OpenDP source). The plain side decodes "
+        "the unpadded prompts: the engine's own cost for exactly these prompts.",
         "",
         "| M | candidates | prompt tokens mean / max | prefill DP s | prefill plain s "
-        "| DP ms/step | of which public call ms | plain ms/step | DP tok/s | plain steps/s "
+        "| DP rows padded to (last step) | DP ms/step | of which public call ms "
+        "| plain ms/step | DP tok/s | plain steps/s "
         f"| ratio (mean) | ratio (median) | goal ≤ {RATIO_GOAL} | other CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in fixed_rows:
-        pub = f"{1e3 * r['public_step']:.1f}" if r["cand"] == "public-topk" else "–"
+        pub = f"{1e3 * r['public_step']:.1f}" if r["cand"].startswith("public") else "–"
         L.append(
             f"| {r['M']} | {r['cand']} | {r['len_mean']:.0f} / {r['len_max']} "
-            f"| {r['dp_prefill']:.2f} | {r['plain_prefill']:.2f} "
+            f"| {r['dp_prefill']:.2f} | {r['plain_prefill']:.2f} | {r['width']} "
             f"| {1e3 * r['dp_step']:.1f} | {pub} | {1e3 * r['plain_step']:.1f} "
             f"| {1 / r['dp_step']:.2f} | {1 / r['plain_step']:.2f} "
             f"| {r['ratio']:.2f} | {r['ratio_med']:.2f} | {ok(r['ratio'] <= RATIO_GOAL)} "

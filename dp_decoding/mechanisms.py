@@ -46,7 +46,7 @@ EXACT_MAX_CANDIDATES = 1024
 """Up to this many candidates the exponential mechanism uses the source's exact sampler
 (OpenDP's Gumbel report-noisy-max: ~0.2 ms for 50 candidates, ~0.5 µs per candidate); above it,
 Gumbel-max on CSPRNG float Gumbels (49,152 candidates: OpenDP ~25 ms, as much as a decoding
-step, against ~1.2 ms), see docs/noise_sources.md."""
+step, against ~1.2 ms), see docs/benchmarks.md (noise sources)."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ is the example's own span, private, and is cut to ``limit`` tokens as well) and 
 the data-free head of the example to write. Invariants:
 - every private row is at most :meth:`RowBuilder.width` tokens, for any records (a private text
   is cut at the token level, never re-tokenised after the cut);
-- with no examples the row is the public prompt's token ids;
+- the public prompt (no examples) is tokenised as one text, as before;
 - for texts under the limit the row equals ``tokenize(generation_prompt(...))`` on the byte-level
   BPE of the shipped model (tested), so the prompts read as before.
 """
@@ -26,8 +26,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from dp_decoding.plan import Plan, PlanError
 from prompts import TaskFormat
-from prompts.generation import generation_suffix
+from prompts.generation import generation_suffix, public_generation_prompt
 from prompts.tasks import label_word
 from prompts.text import one_line
 
@@ -92,8 +93,9 @@ class RowBuilder:
         return ids + self._suffixes[label]
 
     def public_row(self, label: str) -> list[int]:
-        """The data-free prompt of ``label`` (no examples)."""
-        return self.private_row(label, ())
+        """The data-free prompt of ``label``, tokenised as one text (it needs no declared
+        width: it runs in its own engine call and holds no record)."""
+        return self._tok(public_generation_prompt(self.task, label))
 
     # -- the declared bound --------------------------------------------------------------------
     def width(self, examples_per_prompt: int) -> int:
@@ -111,3 +113,19 @@ class RowBuilder:
 def required_context(builder: RowBuilder, examples_per_prompt: int, max_tokens: int) -> int:
     """Tokens a private row may reach by the end of a demonstration: width + T."""
     return builder.width(examples_per_prompt) + max_tokens
+
+
+def check_context(plan: Plan, task: TaskFormat, tokenize: Tokenize, context: int | None) -> int:
+    """Refuse (``PlanError``) a plan whose declared worst-case row does not fit the engine's
+    context; returns the worst case. Run before admission: with it, whether a job fails can
+    never depend on how long the records really are. ``context`` None: not known (skipped)."""
+    builder = RowBuilder(tokenize, task, plan.labels, plan.example_token_limit)
+    need = required_context(builder, plan.N, plan.max_tokens)
+    if context is not None and need > context:
+        raise PlanError(
+            f"the declared worst-case prompt is {need} tokens (template + examples-per-prompt "
+            f"{plan.N} × example-token-limit {plan.example_token_limit} + max-tokens "
+            f"{plan.max_tokens}), over the engine's context of {context}; lower "
+            "examples-per-prompt, example-token-limit or max-tokens"
+        )
+    return need

@@ -73,3 +73,30 @@ def test_positive_control_leaks_at_infinite_epsilon(engine, tmp_path: Path) -> N
     clean = _generate(engine, cfg, [], math.inf, 1, 1, "negative", 1, "all")
     assert not any(detect(canary, d)["ngram"] for d in clean)
     assert np.isfinite(best_possible_bound(1))
+
+
+@pytest.mark.model
+def test_audit_neighbour_check_and_its_positive_control(
+    engine, shared_data, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """`dpicl audit` reports the neighbour check: padded rows are row-independent, and the
+    deliberately unpadded run (positive control) is flagged."""
+    from dp_decoding.evaluation.audit import _neighbour_arms
+    from dp_decoding.records import load_jsonl
+
+    cfg = AuditConfig(
+        data=shared_data / "agnews" / "train.jsonl",
+        task="agnews",
+        label="World",
+        epsilons=[math.inf],
+        canaries=1,
+        filler=1,
+        M=2,
+        T=4,
+        repeats=1,
+        out=tmp_path,
+    )
+    pool = [r for r in load_jsonl(cfg.data)[:400] if r.label == "World"]
+    out = _neighbour_arms(engine, cfg, pool)
+    assert out["padded"]["row_independent"] and out["padded"]["rows_compared"] > 0
+    assert out["unpadded_control"]["rows_differing"] > 0

@@ -51,6 +51,10 @@ class EmbeddedEngine(HFTokenizerMixin):
         self.vocab_size = int(self.model.config.vocab_size)
         self.eos_token_ids = self._eos_ids()
         self.pad_token_id = int(self.tokenizer.pad_token_id or 0)
+        self.max_context = int(self.model.config.max_position_embeddings)
+        """The most tokens a row may hold (plans are checked against it before admission)."""
+        self.threads = torch.get_num_threads()
+        """Fixed at load: every job on this engine runs with the same thread count and dtype."""
         self.lock = threading.Lock()
 
     # -- batches ---------------------------------------------------------------------------

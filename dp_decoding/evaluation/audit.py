@@ -33,6 +33,7 @@ import numpy as np
 
 from dp_decoding.engines.base import Engine
 from dp_decoding.evaluation.demos import seeded
+from dp_decoding.evaluation.neighbours import neighbour_check
 from dp_decoding.generate import DemoGenerator
 from dp_decoding.plan import make_plan
 from dp_decoding.records import Record, load_jsonl, record_unit
@@ -48,6 +49,10 @@ _WORD = re.compile(r"[a-z0-9]+")
 
 
 # -- detector ---------------------------------------------------------------------------------
+NEIGHBOUR_RECORDS = 8
+"""Short records of the neighbour check's base dataset (the longest record is added)."""
+
+
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
@@ -279,6 +284,8 @@ def run_audit(cfg: AuditConfig, engine: Engine | None = None) -> dict[str, Any]:
         )
     arms["positive-repeated"] = {**_arm_result(canaries, rep), "epsilon": rep_eps}
 
+    neighbour = _neighbour_arms(engine, cfg, pool)
+
     n = cfg.canaries
     fp = arms["negative"]["ngram"]
     for arm in arms.values():
@@ -289,6 +296,7 @@ def run_audit(cfg: AuditConfig, engine: Engine | None = None) -> dict[str, Any]:
         arms["negative"]["ngram"] == 0
         and arms["positive-single"]["ngram"] > 0
         and arms["positive-repeated"]["ngram"] > 0
+        and neighbour["unpadded_control"]["rows_differing"] > 0
     )
     needed = {f"{e:g}": canaries_needed(e) for e in cfg.epsilons if not math.isinf(e)}
     report = {
@@ -306,6 +314,8 @@ def run_audit(cfg: AuditConfig, engine: Engine | None = None) -> dict[str, Any]:
         },
         "canaries": canaries,
         "arms": arms,
+        "neighbour": neighbour,
+        "row_independent": neighbour["padded"]["row_independent"],
         "controls_ok": controls_ok,
         "best_possible_bound": best_possible_bound(n),
         "canaries_needed": needed,
@@ -314,6 +324,28 @@ def run_audit(cfg: AuditConfig, engine: Engine | None = None) -> dict[str, Any]:
     (cfg.out / "audit.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     (cfg.out / "audit.md").write_text(report["markdown"], encoding="utf-8")
     return report
+
+
+def _neighbour_arms(engine: Engine, cfg: AuditConfig, pool: list[Record]) -> dict[str, Any]:
+    """The neighbour check (:mod:`dp_decoding.evaluation.neighbours`): the pool's longest
+    record added to a few short ones, with the declared padding (must be row-independent) and
+    without it (the positive control: must be flagged)."""
+    by_len = sorted(pool, key=lambda r: len(r.text))
+    base, extra = by_len[:NEIGHBOUR_RECORDS], by_len[-1]
+    plan = make_plan(
+        labels=[cfg.label],
+        epsilon=4.0,
+        delta=DELTA,
+        max_tokens=4,
+        prompts=4,
+        examples_per_prompt=2,
+        candidates="all",
+        task=cfg.task,
+    )
+    task = get_task(cfg.task)
+    padded = neighbour_check(engine, plan, task, base, extra)
+    control = neighbour_check(engine, plan, task, base, extra, pad_rows=False)
+    return {"padded": padded.to_dict(), "unpadded_control": control.to_dict()}
 
 
 def _markdown(rep: dict[str, Any]) -> str:
@@ -339,6 +371,22 @@ def _markdown(rep: dict[str, Any]) -> str:
         "of ε could be shown at all: "
         + ", ".join(f"ε={k}: {v}" for k, v in rep["canaries_needed"].items())
         + ".",
+        "",
+        "Neighbour check (one long record added; every other private row must keep a "
+        "bitwise-identical distribution at every step):",
+        "",
+        "| run | steps | rows compared | rows with a different distribution | row-independent |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in rep["neighbour"].items():
+        lines.append(
+            f"| {name} | {r['steps']} | {r['rows_compared']} | {r['rows_differing']} "
+            f"| {'yes' if r['row_independent'] else '**no**'} |"
+        )
+    lines += [
+        "",
+        "The unpadded run is the positive control (rows padded only to the batch's longest "
+        "row): it must be flagged, or the check could not see a violation.",
         "",
     ]
     return "\n".join(lines)
