@@ -440,6 +440,7 @@ def create_app(
             "object": "private_dataset",
             "name": d.name,
             "records": d.records,
+            # the curator's own view of their data (admin keys only): never a job's label set
             "labels": d.labels,
             "created_at": int(d.created),
         }
@@ -493,24 +494,24 @@ def create_app(
         return {"id": dataset_id, "object": "private_dataset.deleted", "deleted": True}
 
     # -- private: demonstrations -------------------------------------------------------------
-    def _plan_for(body: DemonstrationJobRequest, tenant: Any, labels_from_data: list[str] | None):
+    def _plan_for(body: DemonstrationJobRequest, tenant: Any):
+        """The plan from declared parameters only (never from the dataset)."""
         labels = body.labels
-        source = "declared"
         if not labels:
             if body.task != "generic":
                 labels = list(get_task(body.task).labels)
-            elif labels_from_data:
-                labels, source = labels_from_data, "data"
             else:
                 raise APIError(
                     400,
-                    "Declare 'labels' (or name a dataset to take its label set as public).",
+                    "A generic-task job must declare its label set: give 'labels' "
+                    '(e.g. ["A", "B"]). The label set is a privacy parameter and is never '
+                    "taken from the data; GET /v1/private/datasets/{id} shows the labels of "
+                    "your dataset. Records whose label is not declared are dropped.",
                     param="labels",
                 )
         try:
             return make_plan(
                 labels=labels,
-                labels_source=source,
                 epsilon=body.epsilon,  # type: ignore[arg-type]
                 delta=body.delta if body.delta is not None else tenant.delta,
                 shots=body.shots,
@@ -553,13 +554,9 @@ def create_app(
     @app.post("/v1/private/demonstrations/plan")
     def plan_job(body: PlanRequest, key=Depends(_admin)) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         tenant = store.get_tenant(key.tenant_id)
-        labels = None
-        if body.dataset:
-            d = store.get_dataset(key.tenant_id, body.dataset)
-            if d is None:
-                raise not_found("dataset", body.dataset, "dataset")
-            labels = d.labels
-        plan = _plan_for(body, tenant, labels)
+        if body.dataset and store.get_dataset(key.tenant_id, body.dataset) is None:
+            raise not_found("dataset", body.dataset, "dataset")
+        plan = _plan_for(body, tenant)
         d = plan.to_dict()
         return {
             "object": "demonstration_plan",
@@ -580,7 +577,7 @@ def create_app(
             raise not_found("dataset", body.dataset, "dataset")
         if body.name == base_model:
             raise APIError(400, "name collides with the base model id.", param="name")
-        plan = _plan_for(body, tenant, d.labels)
+        plan = _plan_for(body, tenant)
         try:
             job, created = store.admit_job(
                 key.tenant_id,

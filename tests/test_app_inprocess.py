@@ -54,7 +54,12 @@ def test_storage_failure_during_admission_is_503_and_nothing_runs(tmp_path: Path
             return await c.post(
                 "/v1/private/demonstrations",
                 headers=h,
-                json={"dataset": ds.json()["id"], "name": "n", "epsilon": 1.0},
+                json={
+                    "dataset": ds.json()["id"],
+                    "name": "n",
+                    "epsilon": 1.0,
+                    "labels": ["a", "b"],
+                },
             )
 
     r = asyncio.run(go())
@@ -92,6 +97,7 @@ def test_gated_plan_through_the_api_is_charged_as_gated(tmp_path: Path) -> None:
     app = create_app(store, _Engine(), run_jobs=False)
     job = {
         "epsilon": 2.0,
+        "labels": ["a", "b"],
         "mechanism": "exponential",
         "max_tokens": 20,
         "prompts": 4,
@@ -129,4 +135,47 @@ def test_gated_plan_through_the_api_is_charged_as_gated(tmp_path: Path) -> None:
     assert bad.status_code == 400 and "gate" in bad.json()["error"]["message"]
     assert budget.json()["epsilon_spent"] <= 2.0 + 1e-9
     assert budget.json()["epsilon_spent"] >= plan.json()["epsilon"] - 1e-6
+    store.close()
+
+
+def test_generic_job_must_declare_its_labels(tmp_path: Path) -> None:
+    """With a generic task and no `labels`, both the plan and the job are refused with 400
+    (param `labels`, saying how to declare them) even though the dataset's labels are known:
+    the label set is never taken from the data. Nothing is charged or generated. With the
+    labels declared the same request is admitted, and the dataset's own labels stay visible to
+    the admin (the curator's side)."""
+    store = Store.open(f"sqlite:///{tmp_path / 'l.db'}")
+    tenant, key = store.create_tenant("t", 8.0, 1e-6)
+    engine = _Engine()
+    app = create_app(store, engine, run_jobs=False)
+
+    async def go() -> tuple[httpx.Response, ...]:
+        async with _client(app) as c:
+            h = {"Authorization": f"Bearer {key}"}
+            ds = await _upload(c, h)
+            body = {"dataset": ds.json()["id"], "name": "n", "epsilon": 1.0}
+            plan = await c.post("/v1/private/demonstrations/plan", headers=h, json=body)
+            plan_no_ds = await c.post(
+                "/v1/private/demonstrations/plan", headers=h, json={"epsilon": 1.0}
+            )
+            made = await c.post("/v1/private/demonstrations", headers=h, json=body)
+            budget = await c.get("/v1/private/budget", headers=h)
+            ok = await c.post(
+                "/v1/private/demonstrations", headers=h, json={**body, "labels": ["a", "b"]}
+            )
+            return ds, plan, plan_no_ds, made, budget, ok
+
+    ds, plan, plan_no_ds, made, budget, ok = asyncio.run(go())
+    assert ds.json()["labels"] == ["a", "b"]
+    for r in (plan, plan_no_ds, made):
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "labels" and err["type"] == "invalid_request_error"
+        assert "'labels'" in err["message"] and "GET /v1/private/datasets/{id}" in err["message"]
+    assert budget.json()["charges"] == []  # the refused requests charged nothing
+    assert engine.started == []
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["plan"]["labels"] == ["a", "b"]
+    assert ok.json()["plan"]["labels_source"] == "declared"
+    assert [j.id for j in store.list_jobs(tenant.id)] == [ok.json()["id"]]  # the one admitted
     store.close()
