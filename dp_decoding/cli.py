@@ -317,7 +317,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if hasattr(engine, "describe"):  # upstream: how candidate log-probabilities were read
         facts.update(engine.describe())
     facts["in_engine_aggregation"] = plan.regime == "fixed" and gen._use_in_engine()
-    facts["groups_finished_by_step_loop"] = gen.fallback_groups
+    # How many groups the step loop finished depends on the run (on private data), so it is
+    # not released in the output; the curator sees it here.
+    print(
+        f"dpicl: note (curator only, not released): {gen.fallback_groups} groups "
+        "finished by the step loop",
+        file=sys.stderr,
+    )
     out = {
         "demonstrations": [d.to_dict() for d in demos],
         "plan": plan.to_dict(),

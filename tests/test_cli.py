@@ -137,6 +137,32 @@ def test_labels_command_prints_the_curators_own_counts(tmp_path: Path) -> None:
     _assert_clean_error(dpicl("labels", "--data", str(tmp_path / "nope.jsonl")), "not found")
 
 
+def test_generate_output_holds_no_run_dependent_count(
+    good: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """demos.json is released: it carries the plan and engine facts fixed by the plan, but not
+    how many groups the step loop finished (that depends on the run); the curator reads that
+    count on stderr."""
+    import dp_decoding.engines
+    from proxy.cli import build_parser
+    from tests.fakes import FakeEngine
+
+    monkeypatch.setattr(dp_decoding.engines, "load_engine", lambda name: FakeEngine())
+    out = tmp_path / "demos.json"
+    args = build_parser().parse_args(
+        ["generate", "--data", str(good), *LABELS, "--prompts", "2", "--max-tokens", "3"]
+        + ["--engine", "fake", "--out", str(out), "--quiet"]
+    )
+    assert args.func(args) == 0
+    released = json.loads(out.read_text())
+    assert "groups_finished_by_step_loop" not in released["engine"]
+    assert released["engine"]["in_engine_aggregation"] is False
+    assert "fallback" not in out.read_text() and SECRET not in out.read_text()
+    assert [d["label"] for d in released["demonstrations"]] == ["A", "B"]
+    err = capsys.readouterr().err
+    assert "curator only, not released): 0 groups finished by the step loop" in err
+
+
 def test_help_explains() -> None:
     r = dpicl("generate", "--help")
     assert r.returncode == 0 and "--epsilon" in r.stdout and "--regime" in r.stdout
