@@ -56,8 +56,9 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, need_data: bool) -> None:
     )
     p.add_argument(
         "--labels",
-        help="declared label set A,B,... (default: the task's labels, "
-        "else read from the data and taken as public)",
+        help="declared label set A,B,... (default: the task's labels; required with "
+        "--task generic: the label set is a privacy parameter and is never read from the "
+        "data; `dpicl labels --data FILE` shows your file's labels)",
     )
     p.add_argument(
         "--epsilon", type=_positive_float, default=d["epsilon"], help="target ε ('inf' = no noise)"
@@ -145,23 +146,27 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, need_data: bool) -> None:
     p.add_argument("--engine", default="embedded", help="engine (default: embedded SmolLM2 on CPU)")
 
 
-def _labels_from_args(
-    args: argparse.Namespace, records: list[Record] | None
-) -> tuple[list[str], str]:
+LABELS_REQUIRED = (
+    "--task generic needs a declared label set: give --labels A,B,... (the label set is a "
+    "privacy parameter and is never read from the data; `dpicl labels --data FILE` shows "
+    "the labels of your own file)"
+)
+
+
+def _labels_from_args(args: argparse.Namespace) -> list[str]:
+    """The declared label set: --labels, else the task's own; never the data's."""
     if args.labels:
         labels = [x.strip() for x in args.labels.split(",") if x.strip()]
         if not labels:
             raise UsageError("--labels is empty")
-        return labels, "declared"
+        return labels
     if args.task != "generic":
         from prompts import get_task
 
         t = get_task(args.task)
         if t.labels:
-            return list(t.labels), "declared"
-    if records is None:
-        raise UsageError("give --labels A,B,... (or --data to read the label set from it)")
-    return sorted({r.label for r in records}), "data"
+            return list(t.labels)
+    raise UsageError(LABELS_REQUIRED)
 
 
 def _load(args: argparse.Namespace) -> list[Record] | None:
@@ -176,17 +181,15 @@ def _load(args: argparse.Namespace) -> list[Record] | None:
     return records
 
 
-def _plan_from_args(args: argparse.Namespace, records: list[Record] | None) -> Plan:
+def _plan_from_args(args: argparse.Namespace) -> Plan:
     if args.task in ("mit-g", "mit-d"):
         raise UsageError(
             f"--task {args.task} is an extraction task (its 'label' is private text); "
             "generate its demonstrations with `dpicl eval --task "
             f"{args.task}`"
         )
-    labels, source = _labels_from_args(args, records)
     return make_plan(
-        labels=labels,
-        labels_source=source,  # type: ignore[arg-type]
+        labels=_labels_from_args(args),
         epsilon=args.epsilon,
         delta=args.delta,
         shots=args.shots,
@@ -250,8 +253,8 @@ def describe_plan(plan: Plan) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    plan = _plan_from_args(args)  # declared parameters only; before any record is read
     records = _load(args)
-    plan = _plan_from_args(args, records)
     print("plan (declared parameters; nothing here is computed from private data):")
     print(describe_plan(plan))
     print(
@@ -274,9 +277,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    plan = _plan_from_args(args)  # declared parameters only; before any record is read
     records = _load(args)
     assert records is not None
-    plan = _plan_from_args(args, records)
     from dp_decoding.engines import load_engine
     from dp_decoding.generate import DemoGenerator
     from prompts import generic_task, get_task
@@ -314,7 +317,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if hasattr(engine, "describe"):  # upstream: how candidate log-probabilities were read
         facts.update(engine.describe())
     facts["in_engine_aggregation"] = plan.regime == "fixed" and gen._use_in_engine()
-    facts["groups_finished_by_step_loop"] = gen.fallback_groups
+    # How many groups the step loop finished depends on the run (on private data), so it is
+    # not released in the output; the curator sees it here.
+    print(
+        f"dpicl: note (curator only, not released): {gen.fallback_groups} groups "
+        "finished by the step loop",
+        file=sys.stderr,
+    )
     out = {
         "demonstrations": [d.to_dict() for d in demos],
         "plan": plan.to_dict(),
@@ -336,6 +345,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_labels(args: argparse.Namespace) -> int:
+    """Curator side: the labels of the curator's own file and their counts (stdout)."""
+    records = load_jsonl(args.data, text_field=args.text_field, label_field=args.label_field)
+    counts = Counter(r.label for r in records)
+    print(
+        "dpicl: curator only: the labels of your own file (read from the data; not a plan, "
+        "never released). Declare the set to use with --labels A,B,...",
+        file=sys.stderr,
+    )
+    for label in sorted(counts):
+        print(f"{label}\t{counts[label]}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "plan",
@@ -353,6 +376,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g.add_argument("--out", default="demos.json", help="output JSON file ('-' for stdout)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
+    lb = sub.add_parser(
+        "labels",
+        help="curator side: print the labels of your own JSONL file and their counts",
+        description="Curator side: print the labels found in YOUR OWN JSONL file, one "
+        "'label<TAB>count' line each, on stdout. This reads the private data and is for the "
+        "data's owner only: nothing here is part of a plan or released. A job's label set is "
+        "a privacy parameter: declare it with --labels A,B,... (labels of records outside "
+        "the declared set are dropped).",
+    )
+    lb.add_argument("--data", required=True, help="your private examples, JSONL")
+    lb.add_argument("--text-field", default="text", help="JSON field holding the example text")
+    lb.add_argument("--label-field", default="label", help="JSON field holding the label")
+    lb.set_defaults(func=cmd_labels)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -62,7 +62,6 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class Plan:
     labels: tuple[str, ...]
-    labels_source: Literal["declared", "data"]
     regime: Regime
     mechanism: MechanismName
     M: int
@@ -92,6 +91,13 @@ class Plan:
     demonstration; the others are the public model's. Fixed regime, exponential, public top-k."""
     gate_threshold: float | None = None
     """θ of the gate, as a total-variation distance in (0, 1] (the threshold is θ·M)."""
+
+    @property
+    def labels_source(self) -> Literal["declared"]:
+        """Always "declared": the label set is a privacy parameter, never read from the data
+        (a label seen only in the data would be released with certainty). Kept in the plan's
+        dict for clients that read it."""
+        return "declared"
 
     # -- privacy ---------------------------------------------------------------------------
     @property
@@ -140,6 +146,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["labels"] = list(self.labels)
+        d["labels_source"] = self.labels_source
         d["notes"] = list(self.notes)
         d["candidate_token_ids"] = (
             None if self.candidate_token_ids is None else list(self.candidate_token_ids)
@@ -175,7 +182,6 @@ def _json_float(x: float | None) -> float | str | None:
 def make_plan(
     *,
     labels: list[str] | tuple[str, ...],
-    labels_source: Literal["declared", "data"] = "declared",
     epsilon: float = DEFAULTS["epsilon"],
     delta: float = DEFAULTS["delta"],
     shots: int = DEFAULTS["shots"],
@@ -256,8 +262,6 @@ def make_plan(
     if privacy_unit == "user":
         steps *= len(labels)
         notes.append("user-level privacy: labels compose sequentially")
-    if labels_source == "data":
-        notes.append("label set read from the data and taken as public")
     B = shots if regime == "fixed" else 1
 
     sigma: float | None = None
@@ -273,7 +277,6 @@ def make_plan(
         )
     return Plan(
         labels=labels,
-        labels_source=labels_source,  # type: ignore[arg-type]
         regime=regime,  # type: ignore[arg-type]
         mechanism=mechanism,  # type: ignore[arg-type]
         M=prompts,

@@ -53,6 +53,10 @@ log = logging.getLogger("dpicl.proxy")
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 MAX_UPLOAD_RECORDS = 500_000
 DEFAULT_MAX_TOKENS = 256
+EPSILON_SPENT_NOTE = (
+    "information only: epsilon_spent is the RDP composition (at delta) of the charges so far; "
+    "the guarantee is the Renyi filter's limit (epsilon_limit, delta), not this realised figure"
+)
 
 
 def _now() -> int:
@@ -170,12 +174,16 @@ def create_app(
             "owned_by": "tenant",
         }
 
-    def _demo_prefix(tenant_id: str, model: str) -> str | None:
-        """The released demonstrations for ``model`` as a system text (None for the base)."""
+    def _demo_prefix(key: Any, model: str) -> str | None:
+        """The released demonstrations for ``model`` as a system text (None for the base).
+
+        A serving key gets the same ``model_not_found`` for a set that is queued, running or
+        failed as for one that does not exist: whether a job failed may depend on private
+        data, and only admin keys (the curator's side) see job status."""
         if model == base_model:
             return None
-        job = store.get_job_by_name(tenant_id, model)
-        if job is None:
+        job = store.get_job_by_name(key.tenant_id, model)
+        if job is None or (job.status != "succeeded" and key.scope != "admin"):
             raise model_not_found(model)
         if job.status != "succeeded":
             raise APIError(
@@ -207,7 +215,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     def chat(body: ChatCompletionRequest, key=Depends(_key)):  # type: ignore[no-untyped-def]
-        prefix = _demo_prefix(key.tenant_id, body.model)
+        prefix = _demo_prefix(key, body.model)
         try:
             messages = [
                 {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -335,7 +343,7 @@ def create_app(
 
     @app.post("/v1/completions")
     def completions(body: CompletionRequest, key=Depends(_key)):  # type: ignore[no-untyped-def]
-        prefix = _demo_prefix(key.tenant_id, body.model)
+        prefix = _demo_prefix(key, body.model)
         prompt = body.prompt_text()
         if prefix:
             prompt = prefix + "\n\n" + prompt
@@ -440,7 +448,9 @@ def create_app(
             "object": "private_dataset",
             "name": d.name,
             "records": d.records,
+            # the curator's own view of their data (admin keys only): never a job's label set
             "labels": d.labels,
+            "records_without_user": d.records_without_user,
             "created_at": int(d.created),
         }
 
@@ -493,24 +503,44 @@ def create_app(
         return {"id": dataset_id, "object": "private_dataset.deleted", "deleted": True}
 
     # -- private: demonstrations -------------------------------------------------------------
-    def _plan_for(body: DemonstrationJobRequest, tenant: Any, labels_from_data: list[str] | None):
+    def _plan_for(body: DemonstrationJobRequest, tenant: Any, dataset: Any | None):
+        """The plan from declared parameters only. ``dataset`` (its stored attributes, never
+        its records) is checked for user ids when the privacy unit is the user."""
         labels = body.labels
-        source = "declared"
         if not labels:
             if body.task != "generic":
                 labels = list(get_task(body.task).labels)
-            elif labels_from_data:
-                labels, source = labels_from_data, "data"
             else:
                 raise APIError(
                     400,
-                    "Declare 'labels' (or name a dataset to take its label set as public).",
+                    "A generic-task job must declare its label set: give 'labels' "
+                    '(e.g. ["A", "B"]). The label set is a privacy parameter and is never '
+                    "taken from the data; GET /v1/private/datasets/{id} shows the labels of "
+                    "your dataset. Records whose label is not declared are dropped.",
                     param="labels",
                 )
+        if body.delta is not None and body.delta > tenant.delta:
+            raise APIError(
+                400,
+                f"delta must be at most the tenant's delta ({tenant.delta:g}).",
+                param="delta",
+            )
+        if (
+            body.privacy_unit == "user"
+            and dataset is not None
+            and dataset.records_without_user != 0
+        ):
+            raise APIError(
+                400,
+                "privacy_unit 'user' needs a user id on every record, and this dataset has "
+                "records without one (see records_without_user in GET "
+                "/v1/private/datasets/{id}); upload it with a 'user' field on every line, or "
+                "use privacy_unit 'record'.",
+                param="privacy_unit",
+            )
         try:
             return make_plan(
                 labels=labels,
-                labels_source=source,
                 epsilon=body.epsilon,  # type: ignore[arg-type]
                 delta=body.delta if body.delta is not None else tenant.delta,
                 shots=body.shots,
@@ -553,13 +583,12 @@ def create_app(
     @app.post("/v1/private/demonstrations/plan")
     def plan_job(body: PlanRequest, key=Depends(_admin)) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         tenant = store.get_tenant(key.tenant_id)
-        labels = None
+        dataset = None
         if body.dataset:
-            d = store.get_dataset(key.tenant_id, body.dataset)
-            if d is None:
+            dataset = store.get_dataset(key.tenant_id, body.dataset)
+            if dataset is None:
                 raise not_found("dataset", body.dataset, "dataset")
-            labels = d.labels
-        plan = _plan_for(body, tenant, labels)
+        plan = _plan_for(body, tenant, dataset)
         d = plan.to_dict()
         return {
             "object": "demonstration_plan",
@@ -580,7 +609,7 @@ def create_app(
             raise not_found("dataset", body.dataset, "dataset")
         if body.name == base_model:
             raise APIError(400, "name collides with the base model id.", param="name")
-        plan = _plan_for(body, tenant, d.labels)
+        plan = _plan_for(body, tenant, d)
         try:
             job, created = store.admit_job(
                 key.tenant_id,
@@ -637,7 +666,12 @@ def create_app(
             key.tenant_id, reference=lambda eps: default_reference_event(eps, tenant.delta)
         )
         metrics.epsilon_spent.labels(key.tenant_id).set(out["epsilon_spent"])
-        return {"object": "privacy_budget", "tenant": tenant.name, **out}
+        return {
+            "object": "privacy_budget",
+            "tenant": tenant.name,
+            **out,
+            "epsilon_spent_note": EPSILON_SPENT_NOTE,
+        }
 
     @app.post("/v1/private/keys")
     def create_key(body: KeyRequest, key=Depends(_admin)) -> dict[str, Any]:  # type: ignore[no-untyped-def]

@@ -39,7 +39,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -254,9 +254,15 @@ class Database:
                     self._drop_connection()
 
     # -- schema ----------------------------------------------------------------------------
-    def create_schema(self, statements: Sequence[str]) -> None:
+    def create_schema(
+        self,
+        statements: Sequence[str],
+        migrate: Callable[[Transaction], None] | None = None,
+    ) -> None:
         """Run ``CREATE ... IF NOT EXISTS`` statements (with ``{REAL}``, ``{BIGINT}``,
-        ``{SERIAL}`` type placeholders) in one write transaction."""
+        ``{SERIAL}`` type placeholders) in one write transaction, then ``migrate(tx)`` (if
+        given) in the same transaction, so it too runs once at a time (PostgreSQL: under the
+        advisory lock; SQLite: under ``BEGIN IMMEDIATE``)."""
         types = (
             {"REAL": "REAL", "BIGINT": "INTEGER", "SERIAL": "INTEGER PRIMARY KEY AUTOINCREMENT"}
             if self.dialect == "sqlite"
@@ -269,6 +275,8 @@ class Database:
                     tx.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.parsed.schema}"')
             for statement in statements:
                 tx.execute(statement.format(**types))
+            if migrate is not None:
+                migrate(tx)
 
 
 def _enable_wal(conn: sqlite3.Connection) -> None:
@@ -302,6 +310,19 @@ class Transaction:
     @property
     def for_update(self) -> str:
         return self._db.for_update
+
+    def has_column(self, table: str, column: str) -> bool:
+        """Whether ``table`` (a plain identifier, in the current schema) has ``column``."""
+        if self.dialect == "sqlite":
+            rows = self.execute(f"PRAGMA table_info({table})").rows
+            return any(r["name"] == column for r in rows)
+        return bool(
+            self.execute(
+                "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+                "AND table_name = ? AND column_name = ?",
+                (table, column),
+            ).rows
+        )
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         """Run one statement; returns its rows as dicts (empty for non-queries)."""

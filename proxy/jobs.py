@@ -23,6 +23,14 @@ from prompts import generic_task, get_task
 log = logging.getLogger("dpicl.jobs")
 
 
+class JobFailed(Exception):
+    """A failure whose message is fixed text (no data), stored as the job's error."""
+
+
+DATASET_DELETED = "dataset deleted before the job ran"
+USER_ID_MISSING = "a record of the dataset has no user id (user-level job)"
+
+
 def records_from_rows(rows: list[dict[str, Any]], privacy_unit: str) -> list[Record]:
     out = []
     for row in rows:
@@ -59,10 +67,13 @@ class JobRunner:
                 self._run(tenant_id, job_id, plan)
             except Exception as exc:  # noqa: BLE001 - any failure ends the job, charged
                 log.error("job %s failed (%s)", job_id, type(exc).__name__)
+                error = (
+                    str(exc)
+                    if isinstance(exc, JobFailed)
+                    else f"generation failed ({type(exc).__name__})"
+                )
                 try:
-                    self.store.update_job(
-                        job_id, status="failed", error=f"generation failed ({type(exc).__name__})"
-                    )
+                    self.store.update_job(job_id, status="failed", error=error)
                 except Exception:  # noqa: BLE001
                     log.error("job %s: could not record the failure", job_id)
 
@@ -73,7 +84,11 @@ class JobRunner:
         self.store.update_job(job_id, status="running")
         rows = self.store.dataset_records(tenant_id, job.dataset_id)
         if rows is None:
-            raise LookupError("dataset deleted before the job ran")
+            raise JobFailed(DATASET_DELETED)
+        if plan.privacy_unit == "user" and any(row.get("user") is None for row in rows):
+            # admission refuses this (the dataset's records_without_user); never fall back to
+            # record level while the job claims user-level privacy
+            raise JobFailed(USER_ID_MISSING)
         records = records_from_rows(rows, plan.privacy_unit)
         task = generic_task(plan.labels) if plan.task == "generic" else get_task(plan.task)
         last = [0.0]

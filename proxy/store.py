@@ -22,6 +22,7 @@ Invariants (DESIGN.md §4, §5):
   hashes plus a short non-secret display prefix; the plaintext is returned once.
 * **Tenant isolation.** Every object carries its tenant; every get/list/delete takes the
   tenant id and returns None/False/[] for another tenant's object.
+* **Schema upgrades** run in the schema transaction at start-up (:func:`_migrate`).
 """
 
 from __future__ import annotations
@@ -131,6 +132,10 @@ class Dataset:
     records: int
     labels: list[str]
     created: float
+    records_without_user: int | None = None
+    """How many records carry no user id (0: user-level privacy is possible). Counted at
+    upload; None for a row an older server wrote after the migration (unknown: treated as
+    lacking user ids)."""
 
 
 @dataclass
@@ -190,7 +195,8 @@ _SCHEMA: tuple[str, ...] = (
         records {BIGINT} NOT NULL,
         labels TEXT NOT NULL,
         data TEXT NOT NULL,
-        created {REAL} NOT NULL
+        created {REAL} NOT NULL,
+        records_without_user {BIGINT}
     )""",
     "CREATE INDEX IF NOT EXISTS datasets_tenant ON datasets (tenant_id)",
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -254,6 +260,30 @@ _PG_TRIGGERS: tuple[str, ...] = (
          END IF;
        END $$""",
 )
+
+
+def _migrate(tx: Transaction) -> None:
+    """Bring an existing database up to the current schema (idempotent; runs inside the
+    schema transaction, so one process at a time).
+
+    * ``datasets.records_without_user`` (added for user-level admission): added if missing,
+      then filled for every row where it is NULL by counting the stored records without a
+      ``user`` field — a one-off read on the trusted side, at start-up, whose result is shown
+      only to the tenant's admin keys and used to refuse user-level jobs.
+    """
+    if not tx.has_column("datasets", "records_without_user"):
+        bigint = "INTEGER" if tx.dialect == "sqlite" else "BIGINT"
+        tx.execute(f"ALTER TABLE datasets ADD COLUMN records_without_user {bigint}")
+    rows = tx.execute("SELECT id, data FROM datasets WHERE records_without_user IS NULL").rows
+    for row in rows:
+        missing = _count_without_user(_loads(row["data"], "datasets.data"))
+        tx.execute(
+            "UPDATE datasets SET records_without_user = ? WHERE id = ?", (missing, row["id"])
+        )
+
+
+def _count_without_user(records: list[dict[str, Any]]) -> int:
+    return sum(1 for r in records if r.get("user") is None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,7 +494,7 @@ class Store:
         self.db = Database(url, schema)
         try:
             triggers = _SQLITE_TRIGGERS if self.db.dialect == "sqlite" else _PG_TRIGGERS
-            self.db.create_schema(_SCHEMA + triggers)
+            self.db.create_schema(_SCHEMA + triggers, migrate=_migrate)
         except BaseException:
             self.db.close()
             raise
@@ -642,13 +672,14 @@ class Store:
             records=len(records),
             labels=labels,
             created=time.time(),
+            records_without_user=_count_without_user(records),
         )
         with self.db.transaction(write=True) as tx:
             if not tx.execute("SELECT id FROM tenants WHERE id = ?", (tenant_id,)).one():
                 raise NotFound("unknown tenant")
             tx.execute(
-                "INSERT INTO datasets (id, tenant_id, name, records, labels, data, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO datasets (id, tenant_id, name, records, labels, data, created, "
+                "records_without_user) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     dataset.id,
                     tenant_id,
@@ -657,6 +688,7 @@ class Store:
                     _canonical(labels),
                     data,
                     dataset.created,
+                    dataset.records_without_user,
                 ),
             )
         return dataset
@@ -664,7 +696,8 @@ class Store:
     def list_datasets(self, tenant_id: str) -> list[Dataset]:
         with self.db.transaction() as tx:
             rows = tx.execute(
-                "SELECT id, tenant_id, name, records, labels, created FROM datasets "
+                "SELECT id, tenant_id, name, records, labels, created, records_without_user "
+                "FROM datasets "
                 "WHERE tenant_id = ? ORDER BY created, id",
                 (tenant_id,),
             ).rows
@@ -673,7 +706,8 @@ class Store:
     def get_dataset(self, tenant_id: str, dataset_id: str) -> Dataset | None:
         with self.db.transaction() as tx:
             row = tx.execute(
-                "SELECT id, tenant_id, name, records, labels, created FROM datasets "
+                "SELECT id, tenant_id, name, records, labels, created, records_without_user "
+                "FROM datasets "
                 "WHERE id = ? AND tenant_id = ?",
                 (dataset_id, tenant_id),
             ).one()
@@ -687,15 +721,15 @@ class Store:
             )
         return cur.rowcount > 0
 
-    def dataset_records(self, tenant_id: str, dataset_id: str) -> list[dict[str, Any]]:
-        """THE PRIVATE READ: the dataset's records ([] if absent or another tenant's)."""
+    def dataset_records(self, tenant_id: str, dataset_id: str) -> list[dict[str, Any]] | None:
+        """THE PRIVATE READ: the dataset's records (None if absent or another tenant's)."""
         with self.db.transaction() as tx:
             row = tx.execute(
                 "SELECT data FROM datasets WHERE id = ? AND tenant_id = ?",
                 (dataset_id, tenant_id),
             ).one()
         if row is None:
-            return []
+            return None
         return list(_loads(row["data"], "datasets.data"))
 
     # -- jobs and admission ----------------------------------------------------------------
@@ -1287,6 +1321,9 @@ def _dataset(row: dict[str, Any]) -> Dataset:
         records=int(row["records"]),
         labels=list(_loads(row["labels"], "datasets.labels")),
         created=float(row["created"]),
+        records_without_user=(
+            None if row["records_without_user"] is None else int(row["records_without_user"])
+        ),
     )
 
 

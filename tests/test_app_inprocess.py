@@ -54,7 +54,12 @@ def test_storage_failure_during_admission_is_503_and_nothing_runs(tmp_path: Path
             return await c.post(
                 "/v1/private/demonstrations",
                 headers=h,
-                json={"dataset": ds.json()["id"], "name": "n", "epsilon": 1.0},
+                json={
+                    "dataset": ds.json()["id"],
+                    "name": "n",
+                    "epsilon": 1.0,
+                    "labels": ["a", "b"],
+                },
             )
 
     r = asyncio.run(go())
@@ -92,6 +97,7 @@ def test_gated_plan_through_the_api_is_charged_as_gated(tmp_path: Path) -> None:
     app = create_app(store, _Engine(), run_jobs=False)
     job = {
         "epsilon": 2.0,
+        "labels": ["a", "b"],
         "mechanism": "exponential",
         "max_tokens": 20,
         "prompts": 4,
@@ -129,4 +135,199 @@ def test_gated_plan_through_the_api_is_charged_as_gated(tmp_path: Path) -> None:
     assert bad.status_code == 400 and "gate" in bad.json()["error"]["message"]
     assert budget.json()["epsilon_spent"] <= 2.0 + 1e-9
     assert budget.json()["epsilon_spent"] >= plan.json()["epsilon"] - 1e-6
+    store.close()
+
+
+def test_generic_job_must_declare_its_labels(tmp_path: Path) -> None:
+    """With a generic task and no `labels`, both the plan and the job are refused with 400
+    (param `labels`, saying how to declare them) even though the dataset's labels are known:
+    the label set is never taken from the data. Nothing is charged or generated. With the
+    labels declared the same request is admitted, and the dataset's own labels stay visible to
+    the admin (the curator's side)."""
+    store = Store.open(f"sqlite:///{tmp_path / 'l.db'}")
+    tenant, key = store.create_tenant("t", 8.0, 1e-6)
+    engine = _Engine()
+    app = create_app(store, engine, run_jobs=False)
+
+    async def go() -> tuple[httpx.Response, ...]:
+        async with _client(app) as c:
+            h = {"Authorization": f"Bearer {key}"}
+            ds = await _upload(c, h)
+            body = {"dataset": ds.json()["id"], "name": "n", "epsilon": 1.0}
+            plan = await c.post("/v1/private/demonstrations/plan", headers=h, json=body)
+            plan_no_ds = await c.post(
+                "/v1/private/demonstrations/plan", headers=h, json={"epsilon": 1.0}
+            )
+            made = await c.post("/v1/private/demonstrations", headers=h, json=body)
+            budget = await c.get("/v1/private/budget", headers=h)
+            ok = await c.post(
+                "/v1/private/demonstrations", headers=h, json={**body, "labels": ["a", "b"]}
+            )
+            return ds, plan, plan_no_ds, made, budget, ok
+
+    ds, plan, plan_no_ds, made, budget, ok = asyncio.run(go())
+    assert ds.json()["labels"] == ["a", "b"]
+    for r in (plan, plan_no_ds, made):
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "labels" and err["type"] == "invalid_request_error"
+        assert "'labels'" in err["message"] and "GET /v1/private/datasets/{id}" in err["message"]
+    assert budget.json()["charges"] == []  # the refused requests charged nothing
+    assert engine.started == []
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["plan"]["labels"] == ["a", "b"]
+    assert ok.json()["plan"]["labels_source"] == "declared"
+    assert [j.id for j in store.list_jobs(tenant.id)] == [ok.json()["id"]]  # the one admitted
+    store.close()
+
+
+def _rows(users: bool) -> bytes:
+    return "\n".join(
+        json.dumps({"text": f"t{i}", "label": "ab"[i % 2], **({"user": f"u{i}"} if users else {})})
+        for i in range(6)
+    ).encode()
+
+
+def test_user_level_job_needs_user_ids_on_every_record(tmp_path: Path) -> None:
+    """The dataset says at upload how many records lack a user id; a user-level job over a
+    dataset with any is refused before admission (400, nothing charged), never run as record
+    level under a user-level claim; over a dataset with user ids it is admitted."""
+    store = Store.open(f"sqlite:///{tmp_path / 'u.db'}")
+    _, key = store.create_tenant("t", 8.0, 1e-6)
+    engine = _Engine()
+    app = create_app(store, engine, run_jobs=False)
+    job = {"epsilon": 1.0, "labels": ["a", "b"], "privacy_unit": "user"}
+
+    async def go() -> tuple[httpx.Response, ...]:
+        async with _client(app) as c:
+            h = {"Authorization": f"Bearer {key}"}
+            out = []
+            for users in (False, True):
+                ds = await c.post(
+                    "/v1/private/datasets",
+                    data={"name": f"users-{users}"},
+                    headers=h,
+                    files={"file": ("d.jsonl", _rows(users))},
+                )
+                body = {"dataset": ds.json()["id"], **job}
+                plan = await c.post("/v1/private/demonstrations/plan", headers=h, json=body)
+                made = await c.post(
+                    "/v1/private/demonstrations", headers=h, json={**body, "name": f"j{users}"}
+                )
+                budget = await c.get("/v1/private/budget", headers=h)
+                out += [ds, plan, made, budget]
+            return tuple(out)
+
+    ds0, plan0, made0, budget0, ds1, plan1, made1, budget1 = asyncio.run(go())
+    assert ds0.json()["records_without_user"] == 6 and ds1.json()["records_without_user"] == 0
+    for r in (plan0, made0):
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "privacy_unit" and "user id" in err["message"]
+    assert budget0.json()["charges"] == [] and engine.started == []
+    assert plan1.status_code == 200 and made1.status_code == 200, made1.text
+    assert made1.json()["plan"]["privacy_unit"] == "user"
+    assert len(budget1.json()["charges"]) == 1
+    store.close()
+
+
+def test_job_delta_is_capped_at_the_tenants(tmp_path: Path) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 'd.db'}")
+    _, key = store.create_tenant("t", 8.0, 1e-6)
+    app = create_app(store, _Engine(), run_jobs=False)
+
+    async def go() -> tuple[httpx.Response, ...]:
+        async with _client(app) as c:
+            h = {"Authorization": f"Bearer {key}"}
+            ds = await _upload(c, h)
+            body = {"dataset": ds.json()["id"], "name": "n", "epsilon": 1.0, "labels": ["a"]}
+            plan = await c.post(
+                "/v1/private/demonstrations/plan", headers=h, json={**body, "delta": 1e-5}
+            )
+            made = await c.post(
+                "/v1/private/demonstrations", headers=h, json={**body, "delta": 1e-5}
+            )
+            budget = await c.get("/v1/private/budget", headers=h)
+            ok = await c.post("/v1/private/demonstrations", headers=h, json={**body, "delta": 1e-7})
+            return plan, made, budget, ok
+
+    plan, made, budget, ok = asyncio.run(go())
+    for r in (plan, made):
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "delta" and "1e-06" in r.json()["error"]["message"]
+    assert budget.json()["charges"] == []
+    assert ok.status_code == 200 and ok.json()["delta"] == 1e-7
+    store.close()
+
+
+def test_budget_says_epsilon_spent_is_information(tmp_path: Path) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 'b.db'}")
+    _, key = store.create_tenant("t", 8.0, 1e-6)
+    app = create_app(store, _Engine(), run_jobs=False)
+
+    async def go() -> httpx.Response:
+        async with _client(app) as c:
+            return await c.get("/v1/private/budget", headers={"Authorization": f"Bearer {key}"})
+
+    b = asyncio.run(go()).json()
+    assert b["epsilon_spent"] == 0.0 and b["epsilon_limit"] == 8.0  # kept for clients
+    note = b["epsilon_spent_note"]
+    assert note.startswith("information only") and "filter's limit" in note
+    store.close()
+
+
+def test_serving_key_sees_unfinished_sets_as_nonexistent(tmp_path: Path) -> None:
+    """Whether a set is queued, running or failed (a failure may depend on private data) is
+    not visible to a serving key: each answers exactly as a set that does not exist, on every
+    route naming a model. An admin key still sees the status."""
+    store = Store.open(f"sqlite:///{tmp_path / 's.db'}")
+    tenant, admin = store.create_tenant("t", 8.0, 1e-6)
+    _, serving = store.create_key(tenant.id, "serving")
+    app = create_app(store, _Engine(), run_jobs=False)
+    names = {s: f"set-{s}-zq" for s in ("queued", "running", "failed", "missing")}
+
+    async def go() -> dict[str, list[tuple[int, str]]]:
+        async with _client(app) as c:
+            h = {"Authorization": f"Bearer {admin}"}
+            ds = (await _upload(c, h)).json()["id"]
+            for status in ("queued", "running", "failed"):
+                body = {"dataset": ds, "name": names[status], "epsilon": 0.5, "labels": ["a"]}
+                job = (await c.post("/v1/private/demonstrations", headers=h, json=body)).json()
+                if status != "queued":
+                    store.update_job(job["id"], status=status, error="generation failed (X)")
+            out: dict[str, list[tuple[int, str]]] = {}
+            for who, k in (("serving", serving), ("admin", admin)):
+                hk = {"Authorization": f"Bearer {k}"}
+                for status, name in names.items():
+                    msg = [{"role": "user", "content": "x"}]
+                    rs = [
+                        await c.post(
+                            "/v1/chat/completions",
+                            headers=hk,
+                            json={"model": name, "messages": msg, "max_tokens": 1},
+                        ),
+                        await c.post(
+                            "/v1/completions",
+                            headers=hk,
+                            json={"model": name, "prompt": "x", "max_tokens": 1},
+                        ),
+                        await c.get(f"/v1/models/{name}", headers=hk),
+                    ]
+                    listed = (await c.get("/v1/models", headers=hk)).json()["data"]
+                    assert name not in [m["id"] for m in listed]
+                    out[f"{who}-{status}"] = [
+                        (r.status_code, r.text.replace(name, "NAME")) for r in rs
+                    ]
+            return out
+
+    out = asyncio.run(go())
+    missing = out["serving-missing"]
+    assert all(code == 404 and "model_not_found" in text for code, text in missing)
+    for status in ("queued", "running", "failed"):
+        assert out[f"serving-{status}"] == missing, status
+    # the admin (curator's side) keeps the detailed status on chat and completions
+    for status in ("queued", "running", "failed"):
+        chat, completion, _ = out[f"admin-{status}"]
+        for code, text in (chat, completion):
+            assert code == 400 and "model_not_ready" in text and f"status: {status}" in text
     store.close()

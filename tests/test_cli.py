@@ -40,20 +40,25 @@ def _assert_clean_error(r: subprocess.CompletedProcess[str], needle: str) -> Non
     assert needle in r.stderr
 
 
+LABELS = ("--labels", "A,B")
+
+
 def test_missing_file(tmp_path: Path) -> None:
-    _assert_clean_error(dpicl("generate", "--data", str(tmp_path / "nope.jsonl")), "not found")
+    _assert_clean_error(
+        dpicl("generate", "--data", str(tmp_path / "nope.jsonl"), *LABELS), "not found"
+    )
 
 
 def test_malformed_line_names_line_number_not_content(tmp_path: Path) -> None:
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"text": SECRET, "label": "A"}) + "\n" + "{" + SECRET + "\n")
-    _assert_clean_error(dpicl("generate", "--data", str(p)), "line 2")
+    _assert_clean_error(dpicl("generate", "--data", str(p), *LABELS), "line 2")
 
 
 def test_missing_field(tmp_path: Path) -> None:
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"text": SECRET}) + "\n")
-    _assert_clean_error(dpicl("plan", "--data", str(p)), "line 1")
+    _assert_clean_error(dpicl("plan", "--data", str(p), *LABELS), "line 1")
 
 
 @pytest.mark.parametrize(
@@ -71,11 +76,13 @@ def test_missing_field(tmp_path: Path) -> None:
     ],
 )
 def test_bad_plan_parameters(good: Path, args: list[str], needle: str) -> None:
-    _assert_clean_error(dpicl("generate", "--data", str(good), *args), needle)
+    _assert_clean_error(dpicl("generate", "--data", str(good), *LABELS, *args), needle)
 
 
 def test_plan_with_public_prior(good: Path) -> None:
-    r = dpicl("plan", "--data", str(good), "--mechanism", "exponential", "--public-prior", "1")
+    r = dpicl(
+        "plan", "--data", str(good), *LABELS, "--mechanism", "exponential", "--public-prior", "1"
+    )
     assert r.returncode == 0, r.stderr
     assert "public_prior" in r.stdout and SECRET not in r.stdout
 
@@ -85,10 +92,11 @@ def test_extraction_task_is_refused_cleanly(good: Path) -> None:
 
 
 def test_plan_prints_defaults_and_guarantee(good: Path) -> None:
-    r = dpicl("plan", "--data", str(good))
+    r = dpicl("plan", "--data", str(good), *LABELS)
     assert r.returncode == 0, r.stderr
-    for word in ("regime", "mechanism", "sigma", "epsilon", "guarantee", "taken as public"):
+    for word in ("regime", "mechanism", "sigma", "epsilon", "guarantee", "['A', 'B']"):
         assert word in r.stdout
+    assert "taken as public" not in r.stdout and "read from the data" not in r.stdout
     assert SECRET not in r.stdout
 
 
@@ -96,6 +104,63 @@ def test_plan_without_data_needs_labels() -> None:
     r = dpicl("plan")
     _assert_clean_error(r, "--labels")
     assert dpicl("plan", "--labels", "a,b").returncode == 0
+
+
+@pytest.mark.parametrize("command", ["plan", "generate"])
+def test_generic_task_never_takes_the_label_set_from_the_data(good: Path, command: str) -> None:
+    """With data but no --labels, a generic task is refused (exit 2) before any record is
+    read: the label set is a privacy parameter, and a label seen only in the data would be
+    released with certainty. The message says how to declare it and how to see the file's."""
+    r = dpicl(command, "--data", str(good))
+    _assert_clean_error(r, "--labels A,B,...")
+    assert "dpicl labels --data FILE" in r.stderr
+    assert r.stdout == ""
+
+
+def test_plan_drops_undeclared_labels_from_the_curator_hints(good: Path) -> None:
+    r = dpicl("plan", "--data", str(good), "--labels", "A")
+    assert r.returncode == 0, r.stderr
+    assert "  A: 5 records" in r.stdout and "  B:" not in r.stdout
+
+
+def test_labels_command_prints_the_curators_own_counts(tmp_path: Path) -> None:
+    p = tmp_path / "d.jsonl"
+    rows = [{"text": f"{SECRET} {i}", "cls": "xyz"[i % 3] if i < 7 else "x"} for i in range(9)]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    r = dpicl("labels", "--data", str(p), "--label-field", "cls")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["x\t5", "y\t2", "z\t2"]
+    assert "curator" in r.stderr and "--labels" in r.stderr
+    assert SECRET not in r.stdout + r.stderr
+    h = dpicl("labels", "--help")
+    assert h.returncode == 0 and "for the data's owner only" in " ".join(h.stdout.split())
+    _assert_clean_error(dpicl("labels", "--data", str(tmp_path / "nope.jsonl")), "not found")
+
+
+def test_generate_output_holds_no_run_dependent_count(
+    good: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """demos.json is released: it carries the plan and engine facts fixed by the plan, but not
+    how many groups the step loop finished (that depends on the run); the curator reads that
+    count on stderr."""
+    import dp_decoding.engines
+    from proxy.cli import build_parser
+    from tests.fakes import FakeEngine
+
+    monkeypatch.setattr(dp_decoding.engines, "load_engine", lambda name: FakeEngine())
+    out = tmp_path / "demos.json"
+    args = build_parser().parse_args(
+        ["generate", "--data", str(good), *LABELS, "--prompts", "2", "--max-tokens", "3"]
+        + ["--engine", "fake", "--out", str(out), "--quiet"]
+    )
+    assert args.func(args) == 0
+    released = json.loads(out.read_text())
+    assert "groups_finished_by_step_loop" not in released["engine"]
+    assert released["engine"]["in_engine_aggregation"] is False
+    assert "fallback" not in out.read_text() and SECRET not in out.read_text()
+    assert [d["label"] for d in released["demonstrations"]] == ["A", "B"]
+    err = capsys.readouterr().err
+    assert "curator only, not released): 0 groups finished by the step loop" in err
 
 
 def test_help_explains() -> None:

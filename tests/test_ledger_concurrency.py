@@ -207,7 +207,7 @@ def test_postgresql_store_basics_and_tamper_detection(pg_schema: str) -> None:
         store.create_tenant("a", 8.0, 1e-6)
     assert store.authenticate(admin) is not None
     ds = store.create_dataset(a.id, "d", [{"text": "private", "label": "x"}])
-    assert store.get_dataset(b.id, ds.id) is None and store.dataset_records(b.id, ds.id) == []
+    assert store.get_dataset(b.id, ds.id) is None and store.dataset_records(b.id, ds.id) is None
     event = event_for_exactly(store, a.id, K)
     job, created = store.admit_job(
         a.id, name="j", dataset_id=ds.id, plan={}, event=event, epsilon=1.0, delta=1e-6,
@@ -233,6 +233,28 @@ def test_postgresql_store_basics_and_tamper_detection(pg_schema: str) -> None:
     store.close()
     with pytest.raises(StorageError):
         store.get_tenant(a.id)
+
+
+def test_postgresql_migration_adds_records_without_user(pg_schema: str) -> None:
+    """A PostgreSQL database from before ``datasets.records_without_user`` gets the column at
+    start-up, filled once from the stored records."""
+    import psycopg
+
+    url = f"{PG_URL}?schema={pg_schema}"
+    store = Store(url)
+    t, _ = store.create_tenant("t", 8.0, 1e-6)
+    ds = store.create_dataset(
+        t.id, "d", [{"text": "x", "label": "a"}, {"text": "y", "label": "a", "user": "u"}]
+    )
+    assert ds.records_without_user == 1
+    store.close()
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'SET search_path TO "{pg_schema}"')
+        conn.execute("ALTER TABLE datasets DROP COLUMN records_without_user")
+    store = Store(url)
+    assert store.get_dataset(t.id, ds.id) == ds
+    store.close()
+    Store(url).close()  # idempotent
 
 
 def test_postgresql_unreachable_is_a_storage_error() -> None:

@@ -116,3 +116,14 @@ def test_inconsistent_plans_are_refused(kwargs: dict, message: str) -> None:
     args = {"labels": ["a"], **kwargs}
     with pytest.raises(PlanError, match=message):
         make_plan(**args)
+
+
+def test_label_set_is_always_declared() -> None:
+    """No plan takes its label set from the data: make_plan has no such path, and the plan's
+    dict says "declared" (kept for clients that read it)."""
+    plan = make_plan(labels=["a", "b"], epsilon=1.0)
+    d = plan.to_dict()
+    assert d["labels_source"] == "declared" and d["labels"] == ["a", "b"]
+    assert not any("public" in n or "data" in n for n in d["notes"])
+    with pytest.raises(TypeError):
+        make_plan(labels=["a"], labels_source="data")  # type: ignore[call-arg]

@@ -81,7 +81,13 @@ def wait_job(server: dict[str, Any], who: str, job_id: str, timeout: float = 300
     raise AssertionError("job did not finish")
 
 
-SMALL_JOB = {"epsilon": 4.0, "shots": 1, "max_tokens": 6, "prompts": 4}
+SMALL_JOB = {
+    "epsilon": 4.0,
+    "shots": 1,
+    "max_tokens": 6,
+    "prompts": 4,
+    "labels": ["Business", "Sports"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +171,8 @@ def test_stop_sequences(server: dict[str, Any]) -> None:
 def test_demo_set_is_a_model_and_answers(server: dict[str, Any], demo_set: dict) -> None:
     job = demo_set["job"]
     assert [d["label"] for d in job["demonstrations"]] == ["Business", "Sports"]
-    assert job["plan"]["labels_source"] == "data"
+    assert job["plan"]["labels_source"] == "declared"
+    assert job["plan"]["labels"] == ["Business", "Sports"]
     ids = [m.id for m in client(server).models.list()]
     assert "alpha-demos" in ids
     r = client(server).chat.completions.create(

@@ -114,7 +114,7 @@ def test_cross_tenant_isolation(store: Store) -> None:
 
     assert store.get_dataset(b.id, ds.id) is None
     assert store.list_datasets(b.id) == []
-    assert store.dataset_records(b.id, ds.id) == []
+    assert store.dataset_records(b.id, ds.id) is None
     assert store.delete_dataset(b.id, ds.id) is False
     assert store.get_job(b.id, job.id) is None
     assert store.get_job_by_name(b.id, "demo") is None
@@ -128,6 +128,36 @@ def test_cross_tenant_isolation(store: Store) -> None:
     assert store.get_job(a.id, job.id) == job
     assert store.delete_dataset(a.id, ds.id) is True
     assert store.delete_dataset(a.id, ds.id) is False
+    assert store.dataset_records(a.id, ds.id) is None  # absent, not an empty dataset
+
+
+def test_dataset_counts_records_without_user(store: Store) -> None:
+    t, _ = store.create_tenant("t", 8.0, 1e-6)
+    mixed = store.create_dataset(t.id, "mixed", RECORDS)
+    users = store.create_dataset(t.id, "users", [r for r in RECORDS if "user" in r])
+    assert mixed.records_without_user == 1 and users.records_without_user == 0
+    assert store.get_dataset(t.id, mixed.id) == mixed
+    assert [d.records_without_user for d in store.list_datasets(t.id)] == [1, 0]
+
+
+def test_migration_adds_and_fills_records_without_user(db_path: Path) -> None:
+    """A database written before the column existed gets it at start-up, filled from the
+    stored records once; the migration is idempotent."""
+    s = Store(f"sqlite:///{db_path}")
+    t, _ = s.create_tenant("t", 8.0, 1e-6)
+    mixed = s.create_dataset(t.id, "mixed", RECORDS)
+    users = s.create_dataset(t.id, "users", [r for r in RECORDS if "user" in r])
+    s.close()
+    conn = raw(db_path)
+    conn.execute("ALTER TABLE datasets DROP COLUMN records_without_user")  # the old schema
+    conn.close()
+    s = Store(f"sqlite:///{db_path}")
+    assert s.get_dataset(t.id, mixed.id).records_without_user == 1  # type: ignore[union-attr]
+    assert s.get_dataset(t.id, users.id).records_without_user == 0  # type: ignore[union-attr]
+    s.close()
+    s = Store(f"sqlite:///{db_path}")  # again: nothing to do
+    assert s.get_dataset(t.id, mixed.id) == mixed
+    s.close()
 
 
 def test_dataset_validation_never_echoes_text(store: Store) -> None:

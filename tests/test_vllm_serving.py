@@ -279,6 +279,7 @@ def test_private_job_runs_beside_serving(server: dict[str, Any]) -> None:
                 "shots": 1,
                 "max_tokens": 4,
                 "prompts": 2,
+                "labels": ["Business", "Sports"],
             },
         ).json()
         with ThreadPoolExecutor(2) as pool:
