@@ -252,11 +252,55 @@ def describe_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _task_of(plan: Plan) -> Any:
+    from prompts import generic_task, get_task
+
+    return generic_task(plan.labels) if plan.task == "generic" else get_task(plan.task)
+
+
+def _check_context(plan: Plan, engine_name: str, engine: Any = None) -> int | None:
+    """The declared worst-case row (width + T) against the engine's context, before any
+    record is read (``PlanError``, exit 2, when it does not fit). Without a loaded engine the
+    embedded and vLLM engines' tokenizer and context are read from the model directory; an
+    upstream engine's context is not known here (skipped)."""
+    from dp_decoding.rows import check_context
+
+    if engine is not None:
+        return check_context(
+            plan, _task_of(plan), engine.tokenize, getattr(engine, "max_context", None)
+        )
+    if engine_name not in ("embedded", "vllm"):
+        return None
+    import json as _json
+
+    from transformers import AutoTokenizer
+
+    from dp_decoding.engines.model_files import ensure_model_dir
+
+    path = ensure_model_dir()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    config = _json.loads((path / "config.json").read_text(encoding="utf-8"))
+    context = int(config["max_position_embeddings"])
+    if engine_name == "vllm":
+        from dp_decoding.engines.vllm_engine import DEFAULT_MAX_MODEL_LEN
+
+        context = min(context, DEFAULT_MAX_MODEL_LEN)
+    return check_context(
+        plan, _task_of(plan), lambda t: list(tok.encode(t, add_special_tokens=False)), context
+    )
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     plan = _plan_from_args(args)  # declared parameters only; before any record is read
+    need = _check_context(plan, args.engine)
     records = _load(args)
     print("plan (declared parameters; nothing here is computed from private data):")
     print(describe_plan(plan))
+    if need is not None:
+        print(
+            f"  {'worst-case row':<20} {need} tokens (declared width + max-tokens; checked "
+            "against the engine's context)"
+        )
     print(
         f"guarantee: ({_fmt(plan.epsilon())}, {plan.delta:g})-DP per {plan.privacy_unit} "
         "(add/remove), PLD via dp_accounting"
@@ -278,6 +322,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     plan = _plan_from_args(args)  # declared parameters only; before any record is read
+    _check_context(plan, args.engine)
     records = _load(args)
     assert records is not None
     from dp_decoding.engines import load_engine

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from dp_decoding.engines.base import Engine
 from dp_decoding.plan import DEFAULTS, PlanError, make_plan
 from dp_decoding.records import DataError, parse_jsonl_lines
+from dp_decoding.rows import check_context
 from prompts import demonstrations_system_prompt, generic_task, get_task
 from proxy import serving
 from proxy.errors import (
@@ -539,7 +540,7 @@ def create_app(
                 param="privacy_unit",
             )
         try:
-            return make_plan(
+            plan = make_plan(
                 labels=labels,
                 epsilon=body.epsilon,  # type: ignore[arg-type]
                 delta=body.delta if body.delta is not None else tenant.delta,
@@ -559,6 +560,11 @@ def create_app(
                 task=body.task,
                 model=base_model,
             )
+            # the declared worst-case row must fit the engine: whether a job fails can then
+            # never depend on how long the private records are
+            task = generic_task(plan.labels) if plan.task == "generic" else get_task(plan.task)
+            check_context(plan, task, engine.tokenize, getattr(engine, "max_context", None))
+            return plan
         except PlanError as exc:
             raise APIError(400, str(exc), param=None, code="invalid_plan") from None
 

@@ -166,3 +166,12 @@ def test_generate_output_holds_no_run_dependent_count(
 def test_help_explains() -> None:
     r = dpicl("generate", "--help")
     assert r.returncode == 0 and "--epsilon" in r.stdout and "--regime" in r.stdout
+
+
+@pytest.mark.parametrize("command", ["plan", "generate"])
+def test_plan_over_the_engine_context_exits_2_before_reading_data(good: Path, command: str) -> None:
+    """The declared worst-case row (width + T) is checked against the engine's context before
+    any record is read or any engine loaded: whether a job fails never depends on the data."""
+    r = dpicl(command, "--data", str(good), *LABELS, "--epsilon", "4", "-N", "90")
+    _assert_clean_error(r, "over the engine's context")
+    assert "examples-per-prompt" in r.stderr and "loading engine" not in r.stderr

@@ -68,6 +68,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 CAPTURE_KEY = "dpicl_capture"
+DEFAULT_MAX_MODEL_LEN = 4096
+"""The context vLLM is started with (plans are checked against it before admission)."""
 
 
 def vllm_available() -> bool:
@@ -134,7 +136,7 @@ class VLLMEngine(HFTokenizerMixin):
         model_dir: str | Path | None = None,
         dtype: str | None = None,
         *,
-        max_model_len: int = 4096,
+        max_model_len: int = DEFAULT_MAX_MODEL_LEN,
         block_size: int | None = None,
         kv_cache_gib: int = 2,
         enforce_eager: bool = True,
