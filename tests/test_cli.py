@@ -175,3 +175,35 @@ def test_plan_over_the_engine_context_exits_2_before_reading_data(good: Path, co
     r = dpicl(command, "--data", str(good), *LABELS, "--epsilon", "4", "-N", "90")
     _assert_clean_error(r, "over the engine's context")
     assert "examples-per-prompt" in r.stderr and "loading engine" not in r.stderr
+
+
+def test_released_fields_do_not_change_between_neighbouring_datasets(
+    good: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every field of demos.json but the demonstrations' texts (the mechanism's output) is the
+    same for two neighbouring datasets (one record added) that both succeed."""
+    import dp_decoding.engines
+    from proxy.cli import build_parser
+    from tests.fakes import FakeEngine
+
+    monkeypatch.setattr(dp_decoding.engines, "load_engine", lambda name: FakeEngine())
+    neighbour = tmp_path / "neighbour.jsonl"
+    extra = json.dumps({"text": f"{SECRET} a much longer extra record " * 8, "label": "A"})
+    neighbour.write_text(good.read_text() + extra + "\n")
+    released = []
+    for data in (good, neighbour):
+        out = tmp_path / f"{data.stem}.json"
+        args = build_parser().parse_args(
+            ["generate", "--data", str(data), *LABELS, "--prompts", "2", "--max-tokens", "3"]
+            + ["--engine", "fake", "--out", str(out), "--quiet"]
+        )
+        assert args.func(args) == 0
+        released.append(json.loads(out.read_text()))
+    a, b = released
+    assert set(a) == set(b)
+    for field in a:
+        if field == "demonstrations":
+            assert [d["label"] for d in a[field]] == [d["label"] for d in b[field]]
+            assert all(set(x) == set(y) for x, y in zip(a[field], b[field], strict=True))
+        else:
+            assert a[field] == b[field], field
