@@ -89,11 +89,13 @@ class DemoGenerator:
         progress: ProgressCallback | None = None,
         in_engine: bool | None = None,
         pad_rows: bool = True,
+        dedupe: bool = True,
     ) -> None:
         """``pad_rows=False`` starts private batches at their rows' own longest length: the
         row-independence violation this module exists to prevent. It is there only so that the
         audit's neighbour check has a positive control and the benchmarks a baseline; the CLI
-        and the server never set it."""
+        and the server never set it. ``dedupe=False`` keeps identical records apart (the audit's
+        positive controls plant copies of a canary in one prompt on purpose)."""
         self.engine = engine
         self.plan = plan
         self.task = task
@@ -103,6 +105,7 @@ class DemoGenerator:
         self.progress_cb = progress
         self.in_engine = in_engine
         self.pad_rows = pad_rows
+        self.dedupe = dedupe
         self.fallback_groups = 0  # in-engine groups continued by the step loop (lockstep broke)
         self.mechanism: Mechanism = plan.mechanism_obj()
         self.gate = plan.gate_obj()
@@ -120,7 +123,7 @@ class DemoGenerator:
         declared = set(plan.labels)
         # identical records (same unit, label and text) are one record: a duplicate changes
         # nothing; undeclared labels are dropped without saying how many
-        for r in dict.fromkeys(records):
+        for r in dict.fromkeys(records) if self.dedupe else records:
             if r.label in declared:
                 pools[r.label].append(r)
         self._progress = Progress(demonstrations_total=len(plan.labels) * plan.shots)

@@ -68,7 +68,9 @@ def test_positive_control_leaks_at_infinite_epsilon(engine, tmp_path: Path) -> N
     )
     (canary,) = make_canaries(1, np.random.default_rng(0))
     rec = Record(canary, "World", record_unit(canary, "World", None))
-    demos = _generate(engine, cfg, [rec] * COPIES, math.inf, 1, 1, "single", COPIES, "all")
+    demos = _generate(
+        engine, cfg, [rec] * COPIES, math.inf, 1, 1, "single", COPIES, "all", dedupe=False
+    )
     assert any(detect(canary, d)["ngram"] for d in demos), demos
     clean = _generate(engine, cfg, [], math.inf, 1, 1, "negative", 1, "all")
     assert not any(detect(canary, d)["ngram"] for d in clean)

