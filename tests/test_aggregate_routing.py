@@ -139,3 +139,30 @@ def test_plan_waves_fit_one_scheduler_step() -> None:
     assert plan_waves(groups, max_rows=8, max_tokens_per_step=10_000) == [[0, 1], [2]]
     assert plan_waves(groups, max_rows=64, max_tokens_per_step=800) == [[0, 1], [2]]
     assert plan_waves(groups, max_rows=64, max_tokens_per_step=100) == [[0], [1], [2]]
+
+
+def test_step_loop_calls_fit_one_scheduler_step() -> None:
+    """The vLLM step loop submits its rows in calls that one scheduler step takes whole (rows
+    and tokens, counted from the longest row = the declared width), so no prefill is split."""
+    import numpy as np
+
+    from dp_decoding.engines.vllm_engine import VLLMEngine
+
+    calls: list[int] = []
+
+    class Stub(VLLMEngine):
+        def __init__(self) -> None:  # no vLLM: only the chunking is exercised
+            pass
+
+        @property
+        def step_capacity(self) -> tuple[int, int]:
+            return 5, 100
+
+        def _step_once(self, rows, salts, candidates):  # type: ignore[no-untyped-def]
+            calls.append(len(rows))
+            return np.full((len(rows), 2), float(len(calls))), [0] * len(rows)
+
+    rows = [[1] * 30 for _ in range(11)]  # 30 tokens a row: 3 rows a call (100 // 30)
+    lp, cached = Stub()._step(rows, [f"s{i}" for i in range(11)], None)
+    assert calls == [3, 3, 3, 2]
+    assert lp.shape == (11, 2) and len(cached) == 11

@@ -326,8 +326,25 @@ class VLLMEngine(HFTokenizerMixin):
     def _step(
         self, rows: list[list[int]], salts: Sequence[str], candidates: np.ndarray | None
     ) -> tuple[np.ndarray, list[int]]:
-        """One ``generate`` over all rows: ``[rows, K]`` (or ``[rows, V]``) log-probabilities
-        and each row's count of prompt tokens served from the prefix cache."""
+        """``[rows, K]`` (or ``[rows, V]``) log-probabilities of every row and each row's count
+        of prompt tokens served from the prefix cache. The rows go in ``generate`` calls of at
+        most as many rows and tokens as one scheduler step takes, counted from the longest row
+        (for a private batch: the declared width), so no row's prefill is ever split over
+        scheduler steps and the calls' shapes are declared."""
+        rows_cap, toks_cap = self.step_capacity
+        per = max(1, min(rows_cap, toks_cap // max(len(r) for r in rows)))
+        if len(rows) <= per:
+            return self._step_once(rows, salts, candidates)
+        parts = [
+            self._step_once(rows[i : i + per], salts[i : i + per], candidates)
+            for i in range(0, len(rows), per)
+        ]
+        return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
+
+    def _step_once(
+        self, rows: list[list[int]], salts: Sequence[str], candidates: np.ndarray | None
+    ) -> tuple[np.ndarray, list[int]]:
+        """One ``generate`` over ``rows`` (see :meth:`_step`)."""
         SP = self._SamplingParams
         prompts = [
             self._TokensPrompt(prompt_token_ids=r, cache_salt=s)

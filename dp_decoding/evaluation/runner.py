@@ -283,6 +283,10 @@ def cells_for(cfg: EvalConfig, spec: EvalTask) -> list[dict[str, Any]]:
                             "seed": seed,
                             "settings": st,
                             "seed_mode": cfg.seed_mode,
+                            # private rows padded to the declared width, identical records
+                            # deduplicated, CSPRNG/OpenDP noise (privacy hardening): another
+                            # pipeline than the cells cached before it
+                            "rows": "declared-width",
                         }
                     )
     return cells
