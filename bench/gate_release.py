@@ -1,6 +1,6 @@
 """Benchmark: the public-token gate releases the private rows once every gate is spent.
 
-With the gate (DESIGN.md §3), a demonstration has at most ``c`` private tokens; after them every
+With the gate (docs/ARCHITECTURE.md §5), a demonstration has at most ``c`` private tokens; after them every
 position is a draw from the public prompt. :class:`DemoGenerator` then closes the private batch
 (``M`` rows per demonstration) and runs the one-row public batch alone. This script measures
 that against the same generator with the release switched off (the private rows run to the

@@ -142,7 +142,7 @@ GATE_ROUNDED_SENSITIVITY = GATE_SENSITIVITY + GATE_GRID
 @dataclass(frozen=True)
 class PublicTokenGate:
     """AboveThreshold (Dwork & Roth 2014, Alg. 1 / Thm. 3.23) on the distance between the
-    private vote and the public prediction; one instance per private token (DESIGN.md §3).
+    private vote and the public prediction; one instance per private token (docs/ARCHITECTURE.md §5).
 
     The query at a position is ``d = ½‖s − M·p_pub‖₁ = M·TV(s/M, p_pub)`` over the candidates
     (``s`` the summed, candidate-renormalised private distributions, ``p_pub`` the public

@@ -1,7 +1,7 @@
 """The plan of a generation job: declared parameters only, plus the noise calibrated to them.
 
 Everything the privacy guarantee depends on is fixed here *before* any private record is
-read (DESIGN.md §3 "Declared, not derived"): label set, regime, M, N, q or B, T, shots,
+read (docs/ARCHITECTURE.md §4 "Declared, not derived"): label set, regime, M, N, q or B, T, shots,
 candidate set, per-example token limit, δ, privacy unit. :func:`make_plan` never looks at
 data; the released plan therefore holds no counts.
 

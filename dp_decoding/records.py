@@ -1,7 +1,7 @@
 """Private records and their loading from JSONL.
 
 Error messages name the line number and the problem, never the line's content: a curator sees
-them, but errors may end up in logs, and private text must not (DESIGN.md §1).
+them, but errors may end up in logs, and private text must not (docs/ARCHITECTURE.md §1).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Storage of tenants, keys, datasets and jobs, and the append-only privacy-budget ledger.
 
-Invariants (DESIGN.md §4, §5):
+Invariants (docs/ARCHITECTURE.md §4, §6):
 
 * **Admission is a Rényi filter** (:mod:`accountant.filter`, Feldman & Zrnic 2021, Thm. 3.1):
   each tenant fixes one order α* and an RDP budget B at creation; a job is admitted only if

@@ -22,7 +22,7 @@ Invariants:
 
 * **One model copy.** Serving uses ``engine.llm.llm_engine``; nothing here loads weights.
 * **Private and serving work never share a forward pass.** Kernels are not batch-invariant
-  (DESIGN.md §3: the public candidate prompt is never batched with private prompts, for the
+  (docs/ARCHITECTURE.md §7: the public candidate prompt is never batched with private prompts, for the
   same reason), so a served token or log-probability computed in a batch holding private rows
   could depend on them. Phases are separated by the engine's lock, which this module replaces
   with a FIFO :class:`PhaseLock`: the driver holds it for a whole *serving wave* (from the first

@@ -11,7 +11,7 @@ Invariants every implementation keeps:
 - ``Batch.append`` extends every row by exactly one token and reuses the rows' cached state
   (a step costs one batched decode, not a re-prefill).
 - Separate ``start`` calls are separate engine calls: a public prompt is never batched together
-  with private prompts (kernels are not batch-invariant, DESIGN.md §3).
+  with private prompts (kernels are not batch-invariant, docs/ARCHITECTURE.md §7).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Declared per-task settings of the evaluation (Tang et al. ICLR 2024, Table 3 protocol).
 
 Everything here is a *declared* constant, fixed before any private record is read
-(DESIGN.md §3): the labels that get demonstrations, the public per-label size of the benchmark
+(docs/ARCHITECTURE.md §4): the labels that get demonstrations, the public per-label size of the benchmark
 split (from ``../shared/data/*/README.md``, used only to declare q = M·N / size), the paper's
 M, N and T, and the smaller "budget" settings that make a full run fit on 2 CPU cores.
 
@@ -111,4 +111,4 @@ default, 96): private examples are cut to this many tokens, which bounds prompt 
 the cost of the resampled regime's per-token re-prefill."""
 
 DELTA = 1e-6
-"""δ, fixed for every row (DESIGN.md §6); not 1/|pool| as in the reference code."""
+"""δ, fixed for every row (docs/ARCHITECTURE.md §4); not 1/|pool| as in the reference code."""
