@@ -138,6 +138,34 @@ def test_fresh_database_runs_every_migration(tmp_path: Path) -> None:
     store.close()
 
 
+def test_unversioned_database_with_the_column_is_stamped_at_2(tmp_path: Path) -> None:
+    """A database written between the column's arrival and versioning (it has
+    ``records_without_user`` but no ``schema_version``) is stamped 1 and 2, nothing re-run,
+    nothing changed."""
+    path = tmp_path / "main.db"
+    store = Store(f"sqlite:///{path}")
+    t, _ = store.create_tenant("t", 8.0, 1e-6)
+    store.create_dataset(t.id, "d", [{"text": "x", "label": "a"}])
+    plan = make_plan(labels=["a", "b"], epsilon=1.0, delta=1e-7, max_tokens=8)
+    store.admit_job(
+        t.id, name="j", dataset_id=None, plan=plan.to_dict(), event=plan.event(),
+        epsilon=plan.epsilon(), delta=plan.delta,
+    )  # fmt: skip
+    store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE schema_version")
+    conn.commit()
+    conn.close()
+    before = sqlite_tables(path)
+    store = Store(f"sqlite:///{path}")
+    assert versions(store.db)[:2] == [
+        (m.version, "stamped: " + m.description) for m in MIGRATIONS[:2]
+    ]
+    assert db_tables(store.db) == before
+    assert store.verify_ledger()["ok"]
+    store.close()
+
+
 def test_database_from_a_newer_release_is_refused(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'newer.db'}"
     Store(url).close()
