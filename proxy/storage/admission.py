@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from accountant import (
     Filter,
     JobEvent,
@@ -109,7 +111,7 @@ class JobRequest:
     dataset_id: str | None
     plan_json: str
     event: JobEvent
-    curve: Any  # the event's RDP curve over DEFAULT_ORDERS, computed before any lock
+    curve: np.ndarray  # the event's RDP curve over DEFAULT_ORDERS, computed before any lock
     epsilon: float
     delta: float
     idempotency_key: str | None
