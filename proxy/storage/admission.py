@@ -231,14 +231,17 @@ def _admit_locked(tx: Transaction, req: JobRequest, charge: float, now: float) -
         raise _Refused(refused.which, filters)
 
     job = _new_job(req, now)
-    ledger.append(
-        tx,
-        row,
-        ledger.Charge(
-            job.id, req.key_id, req.event.to_dict(), req.plan_json, req.epsilon, req.delta,
-            charge, now,
-        ),
-    )  # fmt: skip
+    charged = ledger.Charge(
+        job_id=job.id,
+        key_id=req.key_id,
+        event=req.event.to_dict(),
+        plan_json=req.plan_json,
+        epsilon=req.epsilon,
+        delta=req.delta,
+        rdp_at_order=charge,
+        created=now,
+    )
+    ledger.append(tx, row, charged)
     if capped is not None:
         key_charge = charge_at(req.curve, capped.order)
         tx.execute(
