@@ -26,7 +26,8 @@ Invariants
 * Every driver error is raised as :class:`StorageError` (the app answers 503: fail closed).
   The message carries the error class and the driver's primary message only, never bound
   parameter values (so no stored text can leak through an error).
-* :meth:`Database.create_schema` is idempotent (``CREATE ... IF NOT EXISTS``) and safe to run
+* :meth:`Database.create_schema` (used by :mod:`proxy.storage.schema`, which versions the
+  schema) is idempotent (``CREATE ... IF NOT EXISTS``) and safe to run
   from several processes at once (PostgreSQL: under a transaction-scoped advisory lock).
 """
 
@@ -43,13 +44,21 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Cursor", "Database", "IntegrityError", "StorageError", "parse_url"]
+__all__ = ["Cursor", "Database", "IntegrityError", "StorageError", "Transaction", "parse_url"]
 
 Dialect = Literal["sqlite", "postgresql"]
 
 _BUSY_TIMEOUT_MS = 30_000
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _SCHEMA_LOCK_KEY = 7_340_512_113  # pg_advisory_xact_lock key for schema creation
+_COLUMN_TYPES: dict[str, dict[str, str]] = {
+    "sqlite": {"REAL": "REAL", "BIGINT": "INTEGER", "SERIAL": "INTEGER PRIMARY KEY AUTOINCREMENT"},
+    "postgresql": {
+        "REAL": "DOUBLE PRECISION",
+        "BIGINT": "BIGINT",
+        "SERIAL": "BIGSERIAL PRIMARY KEY",
+    },
+}
 
 
 class StorageError(RuntimeError):
@@ -263,18 +272,13 @@ class Database:
         ``{SERIAL}`` type placeholders) in one write transaction, then ``migrate(tx)`` (if
         given) in the same transaction, so it too runs once at a time (PostgreSQL: under the
         advisory lock; SQLite: under ``BEGIN IMMEDIATE``)."""
-        types = (
-            {"REAL": "REAL", "BIGINT": "INTEGER", "SERIAL": "INTEGER PRIMARY KEY AUTOINCREMENT"}
-            if self.dialect == "sqlite"
-            else {"REAL": "DOUBLE PRECISION", "BIGINT": "BIGINT", "SERIAL": "BIGSERIAL PRIMARY KEY"}
-        )
         with self.transaction(write=True) as tx:
             if self.dialect == "postgresql":
                 tx.execute(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK_KEY})")
                 if self.parsed.schema is not None:
                     tx.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.parsed.schema}"')
             for statement in statements:
-                tx.execute(statement.format(**types))
+                tx.execute_ddl(statement)
             if migrate is not None:
                 migrate(tx)
 
@@ -323,6 +327,22 @@ class Transaction:
                 (table, column),
             ).rows
         )
+
+    def has_table(self, table: str) -> bool:
+        """Whether ``table`` exists in the current schema (PostgreSQL) or database (SQLite)."""
+        if self.dialect == "sqlite":
+            sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        else:
+            sql = (
+                "SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() "
+                "AND table_name = ?"
+            )
+        return bool(self.execute(sql, (table,)).rows)
+
+    def execute_ddl(self, statement: str) -> Cursor:
+        """Run one DDL statement after filling its ``{REAL}``, ``{BIGINT}`` and ``{SERIAL}``
+        column-type placeholders for this dialect."""
+        return self.execute(statement.format(**_COLUMN_TYPES[self.dialect]))
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         """Run one statement; returns its rows as dicts (empty for non-queries)."""

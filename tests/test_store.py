@@ -142,14 +142,16 @@ def test_dataset_counts_records_without_user(store: Store) -> None:
 
 def test_migration_adds_and_fills_records_without_user(db_path: Path) -> None:
     """A database written before the column existed gets it at start-up, filled from the
-    stored records once; the migration is idempotent."""
+    stored records once; the migration is idempotent. (tests/test_migrations.py upgrades a
+    database written by the release itself.)"""
     s = Store(f"sqlite:///{db_path}")
     t, _ = s.create_tenant("t", 8.0, 1e-6)
     mixed = s.create_dataset(t.id, "mixed", RECORDS)
     users = s.create_dataset(t.id, "users", [r for r in RECORDS if "user" in r])
     s.close()
     conn = raw(db_path)
-    conn.execute("ALTER TABLE datasets DROP COLUMN records_without_user")  # the old schema
+    conn.execute("ALTER TABLE datasets DROP COLUMN records_without_user")  # the old schema,
+    conn.execute("DROP TABLE schema_version")  # written before the schema was versioned
     conn.close()
     s = Store(f"sqlite:///{db_path}")
     assert s.get_dataset(t.id, mixed.id).records_without_user == 1  # type: ignore[union-attr]
