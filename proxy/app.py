@@ -25,6 +25,7 @@ from dp_decoding.records import DataError, parse_jsonl_lines
 from dp_decoding.rows import check_context
 from prompts import demonstrations_system_prompt, generic_task, get_task
 from proxy import serving
+from proxy.backends import backend_for
 from proxy.errors import (
     APIError,
     install_error_handlers,
@@ -77,7 +78,7 @@ def create_app(
     metrics = Metrics()
     # Chat/completions backend (vLLM's scheduler for a vLLM engine); built before the job
     # runner, so it can take over the engine's lock before any job step runs.
-    backend = serving_backend or serving.backend_for(engine)
+    backend = serving_backend or backend_for(engine)
     runner = JobRunner(store, engine) if run_jobs else None
     app.state.store, app.state.engine, app.state.runner = store, engine, runner
     app.state.serving = backend

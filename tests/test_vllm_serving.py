@@ -20,7 +20,8 @@ import httpx
 import openai
 import pytest
 
-from proxy.serving import StepLoopBackend, backend_for
+from proxy.backends import backend_for
+from proxy.serving import StepLoopBackend
 from proxy.vllm_serving import PhaseLock
 from tests.fakes import FakeEngine
 from tests.server_harness import Server, create_tenant
