@@ -61,13 +61,13 @@ def _rows(raw: bytes) -> list[dict[str, Any]]:
     return rows
 
 
-@router.post("/v1/private/datasets")
+@router.post("/v1/private/datasets", response_model=None)
 async def upload_dataset(
     file: UploadFile = File(...),
     name: str = Form(...),
     key: ApiKey = Depends(require_admin),
     context: AppContext = Depends(get_context),
-):  # type: ignore[no-untyped-def]
+) -> dict[str, Any]:
     raw = await file.read(MAX_UPLOAD_BYTES + 1)
     if len(raw) > MAX_UPLOAD_BYTES:
         raise APIError(413, f"The file is larger than {MAX_UPLOAD_BYTES} bytes.", param="file")

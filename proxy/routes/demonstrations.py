@@ -68,13 +68,13 @@ def plan_job(
     }
 
 
-@router.post("/v1/private/demonstrations")
+@router.post("/v1/private/demonstrations", response_model=None)
 def create_job(
     body: DemonstrationJobRequest,
     key: ApiKey = Depends(require_admin),
     idempotency_key: str | None = Header(default=None),
     context: AppContext = Depends(get_context),
-):  # type: ignore[no-untyped-def]
+) -> dict[str, Any]:
     store, metrics = context.store, context.metrics
     tenant = store.get_tenant(key.tenant_id)
     d = store.get_dataset(key.tenant_id, body.dataset)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
 
 from prompts import demonstrations_system_prompt, generic_task, get_task
 from proxy.auth import require_key
@@ -135,7 +136,7 @@ def _respond(
     reply: Reply,
     prompt_ids: list[int],
     params: SamplingParams,
-) -> Any:
+) -> dict[str, Any] | StreamingResponse:
     """Submit to the serving backend (which may refuse with a 400 before any byte is sent),
     then answer as one JSON body or as a stream."""
     events = context.backend.generate(prompt_ids, params, tenant=key.tenant_id)
@@ -145,12 +146,12 @@ def _respond(
     return reply.json(events)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", response_model=None)
 def chat(
     body: ChatCompletionRequest,
     key: ApiKey = Depends(require_key),
     context: AppContext = Depends(get_context),
-):  # type: ignore[no-untyped-def]
+) -> dict[str, Any] | StreamingResponse:
     messages = _chat_messages(body, _demo_prefix(context, key, body.model))
     engine = context.engine
     prompt_ids = engine.apply_chat_template(messages)  # type: ignore[attr-defined]
@@ -169,12 +170,12 @@ def chat(
     return _respond(context, key, body, reply, prompt_ids, params)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", response_model=None)
 def completions(
     body: CompletionRequest,
     key: ApiKey = Depends(require_key),
     context: AppContext = Depends(get_context),
-):  # type: ignore[no-untyped-def]
+) -> dict[str, Any] | StreamingResponse:
     prefix = _demo_prefix(context, key, body.model)
     prompt = body.prompt_text()
     if prefix:
