@@ -17,14 +17,16 @@ Every route reaches the store, engine and metrics only through
 
 from __future__ import annotations
 
-from proxy.routes.account import router as account
-from proxy.routes.batch import router as batch
-from proxy.routes.datasets import router as datasets
-from proxy.routes.demonstrations import router as demonstrations
-from proxy.routes.openai import router as openai
-from proxy.routes.ops import router as ops
+from proxy.routes import account, batch, datasets, demonstrations, openai, ops
 
-ROUTERS = (ops, openai, datasets, demonstrations, account, batch)
+ROUTERS = (
+    ops.router,
+    openai.router,
+    datasets.router,
+    demonstrations.router,
+    account.router,
+    batch.router,
+)
 """In registration order (which is also the order of ``/openapi.json``)."""
 
 __all__ = ["ROUTERS"]
