@@ -17,7 +17,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("dpicl.proxy")
 
 
+__all__ = [
+    "APIError",
+    "budget_exceeded",
+    "install_error_handlers",
+    "model_not_found",
+    "not_found",
+    "storage_unavailable",
+]
+
+
 class APIError(Exception):
+    """An error the client sees as OpenAI's ``{"error": {...}}`` with ``status``."""
+
     def __init__(
         self,
         status: int,
@@ -72,6 +84,21 @@ def storage_unavailable() -> APIError:
     )
 
 
+def budget_exceeded(requested: float, remaining: float, which: str) -> APIError:
+    """429 for a job the ledger refused: nothing was charged, and retrying cannot help
+    (budget is never refunded), so the OpenAI client is told not to retry."""
+    return APIError(
+        429,
+        f"Privacy budget exceeded ({which} budget): requested ε={requested:.4g}, "
+        f"largest admissible ε for a job of this shape={remaining:.4g}. "
+        "Privacy budget is never refunded.",
+        "privacy_budget_exceeded",
+        "epsilon",
+        "privacy_budget_exceeded",
+        headers={"x-should-retry": "false"},
+    )
+
+
 _STATUS_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -104,6 +131,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Every failure leaves OpenAI-shaped: our errors, body validation (400, not 422),
+    Starlette's 404/405 and anything unexpected (500, its text never logged or returned)."""
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()

@@ -7,10 +7,18 @@ records were sampled (no per-prompt, per-record or generation-job token counts).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics", "install_request_metrics"]
 
 
 class Metrics:
+    """One registry per app (never the process-global one), so apps never share counters."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -39,3 +47,21 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+
+
+def install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
+    """Count every request by route *template* (never the concrete path, which may name a
+    dataset or job), method and status, and observe its latency; ``unmatched`` for a path no
+    route matched."""
+
+    @app.middleware("http")
+    async def _measure(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(path, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - t0)
+        return response

@@ -6,6 +6,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "DemonstrationJobRequest",
+    "KeyRequest",
+    "PlanRequest",
+    "StreamOptions",
+]
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")

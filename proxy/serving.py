@@ -7,13 +7,13 @@ Two backends produce the same :class:`TokenEvent` stream, so the app builds iden
 responses from either: :class:`StepLoopBackend` samples token by token on the engine protocol
 (batch of one request, under the engine's lock), and, for a vLLM engine,
 :class:`proxy.vllm_serving.VLLMServing` lets vLLM's scheduler batch all requests in flight.
-:func:`backend_for` picks one.
+:func:`proxy.backends.backend_for` picks one. This module imports neither of those two
+(``vllm_serving`` builds on the types here, never the other way round).
 """
 
 from __future__ import annotations
 
 import secrets
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,6 +21,8 @@ from typing import Protocol
 import numpy as np
 
 from dp_decoding.engines.base import Engine
+
+__all__ = ["Backend", "SamplingParams", "StepLoopBackend", "TokenEvent", "generate"]
 
 
 @dataclass
@@ -38,6 +40,8 @@ class TokenEvent:
 
 @dataclass
 class SamplingParams:
+    """OpenAI's sampling fields, validated by :mod:`proxy.schemas` before they get here."""
+
     max_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -167,15 +171,3 @@ class StepLoopBackend:
 
     def close(self) -> None:
         return None
-
-
-def backend_for(engine: Engine) -> Backend:
-    """vLLM serving for a :class:`~dp_decoding.engines.vllm_engine.VLLMEngine` (its module is
-    only looked up, never imported here, so the embedded path never imports vLLM), the step
-    loop for every other engine."""
-    mod = sys.modules.get("dp_decoding.engines.vllm_engine")
-    if mod is not None and isinstance(engine, mod.VLLMEngine):
-        from proxy.vllm_serving import VLLMServing
-
-        return VLLMServing(engine)
-    return StepLoopBackend(engine)

@@ -36,8 +36,8 @@ Invariants:
   of one tenant share cached prefixes (demonstration sets), other tenants' and the private
   jobs' (fresh random salts without ``:``) never match.
 * **Shapes.** Outputs are turned into :class:`proxy.serving.TokenEvent`, one per generated
-  token, so the app's response builders (and so the response shapes) are those of the step-loop
-  path.
+  token, so the app's response builder (:mod:`proxy.responses`, and so the response shapes)
+  is that of the step-loop path.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ from typing import Any
 
 from proxy.errors import APIError
 from proxy.serving import SamplingParams, TokenEvent
+
+__all__ = ["PhaseLock", "VLLMServing", "share_engine_lock"]
 
 log = logging.getLogger("dpicl.serving")
 
@@ -118,6 +120,20 @@ class PhaseLock:
         self.release()
 
 
+def share_engine_lock(engine: Any) -> PhaseLock:
+    """The engine's lock, made a :class:`PhaseLock` (once) and returned for serving to share.
+
+    Hook: ``VLLMEngine`` serialises its engine calls with ``with self.lock`` and builds that
+    lock itself (``dp_decoding/engines`` offers no hand-over), so the proxy swaps it from
+    outside: a PhaseLock keeps ``with``/``acquire``/``release`` and adds FIFO hand-over plus a
+    waiter count. It must happen before any job step runs (``create_app`` builds the serving
+    backend before the job runner); a second call returns the same lock."""
+    if not isinstance(engine.lock, PhaseLock):
+        engine.lock = PhaseLock()
+    lock: PhaseLock = engine.lock
+    return lock
+
+
 @dataclass
 class _Request:
     """One serving request: what to add, and where its outputs go (read by one consumer)."""
@@ -150,12 +166,7 @@ class VLLMServing:
         self.max_logprobs = int(getattr(self._llm_engine.model_config, "max_logprobs", 20))
         self._stop_ids = sorted(int(t) for t in engine.eos_token_ids)
         self._filler = self._stop_ids[0]
-        if not isinstance(engine.lock, PhaseLock):
-            # Hook: VLLMEngine serialises its engine calls with ``with self.lock``; a PhaseLock
-            # keeps that and adds FIFO hand-over plus a waiter count. Installed before any job
-            # can run (create_app builds the serving backend before the job runner).
-            engine.lock = PhaseLock()
-        self._lock: PhaseLock = engine.lock
+        self._lock = share_engine_lock(engine)
         self._salt_key = secrets.token_bytes(32)
         self._cv = threading.Condition()
         self._pending: deque[_Request] = deque()

@@ -331,3 +331,135 @@ def test_serving_key_sees_unfinished_sets_as_nonexistent(tmp_path: Path) -> None
         for code, text in (chat, completion):
             assert code == 400 and "model_not_ready" in text and f"status: {status}" in text
     store.close()
+
+
+def test_routes_are_wired_in_their_historic_order(tmp_path: Path) -> None:
+    """create_app includes the ops, OpenAI, private and (empty) batch routers: exactly these
+    routes, in this order (route order decides matching and the order of /openapi.json)."""
+    store = Store.open(f"sqlite:///{tmp_path / 'r.db'}")
+    app = create_app(store, _Engine(), run_jobs=False)
+    from fastapi.routing import APIRoute
+
+    routes = [(r.path, sorted(r.methods)) for r in app.routes if isinstance(r, APIRoute)]
+    assert routes == [
+        ("/health", ["GET"]),
+        ("/metrics", ["GET"]),
+        ("/v1/models", ["GET"]),
+        ("/v1/models/{model_id:path}", ["GET"]),
+        ("/v1/chat/completions", ["POST"]),
+        ("/v1/completions", ["POST"]),
+        ("/v1/private/datasets", ["POST"]),
+        ("/v1/private/datasets", ["GET"]),
+        ("/v1/private/datasets/{dataset_id}", ["GET"]),
+        ("/v1/private/datasets/{dataset_id}", ["DELETE"]),
+        ("/v1/private/demonstrations/plan", ["POST"]),
+        ("/v1/private/demonstrations", ["POST"]),
+        ("/v1/private/demonstrations", ["GET"]),
+        ("/v1/private/demonstrations/{job_id}", ["GET"]),
+        ("/v1/private/budget", ["GET"]),
+        ("/v1/private/keys", ["POST"]),
+    ]
+    store.close()
+
+
+def _events(text: str) -> list[dict[str, Any]]:
+    """The JSON chunks of a server-sent-events body; it must end with ``[DONE]``."""
+    lines = [ln for ln in text.split("\n\n") if ln]
+    assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
+    return [json.loads(ln[len("data: ") :]) for ln in lines[:-1]]
+
+
+def test_chat_and_completions_response_shapes(tmp_path: Path) -> None:
+    """The one response builder keeps each endpoint's shape: field order, ids, ``object``,
+    ``finish_reason`` on every choice, ``usage`` (``"usage": null`` on every chat chunk, none on
+    a completion chunk, when usage is requested), logprobs formats and ``[DONE]``."""
+    store = Store.open(f"sqlite:///{tmp_path / 's.db'}")
+    _, key = store.create_tenant("t", 8.0, 1e-6)
+    app = create_app(store, _Engine(), run_jobs=False)
+    h = {"Authorization": f"Bearer {key}"}
+    common = {"model": "fake-model", "seed": 3, "n": 2, "max_tokens": 4}
+    chat = {**common, "messages": [{"role": "user", "content": "hi"}]}
+    cmpl = {**common, "prompt": "hi"}
+    usage_opt = {"stream": True, "stream_options": {"include_usage": True}}
+
+    async def go() -> list[httpx.Response]:
+        async with _client(app) as c:
+            return [
+                await c.post("/v1/chat/completions", headers=h, json={**chat, "logprobs": True}),
+                await c.post("/v1/completions", headers=h, json={**cmpl, "logprobs": 1}),
+                await c.post("/v1/chat/completions", headers=h, json={**chat, **usage_opt}),
+                await c.post("/v1/completions", headers=h, json={**cmpl, **usage_opt}),
+                await c.post("/v1/completions", headers=h, json={**cmpl, "stream": True}),
+            ]
+
+    chat_json, cmpl_json, chat_sse, cmpl_sse, cmpl_plain = asyncio.run(go())
+    for r, obj, text_key in (
+        (chat_json, "chat.completion", "message"),
+        (cmpl_json, "text_completion", "text"),
+    ):
+        body = r.json()
+        assert list(body) == ["id", "object", "created", "model", "choices", "usage"]
+        assert body["object"] == obj and body["model"] == "fake-model"
+        u = body["usage"]
+        assert u["prompt_tokens"] == 2 and 2 <= u["completion_tokens"] <= 8
+        assert list(u) == ["prompt_tokens", "completion_tokens", "total_tokens"]
+        assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+        for i, choice in enumerate(body["choices"]):
+            assert list(choice) == ["index", text_key, "logprobs", "finish_reason"]
+            assert choice["index"] == i and choice["finish_reason"] in ("stop", "length")
+    assert chat_json.json()["id"].startswith("chatcmpl-") and cmpl_json.json()["id"].startswith(
+        "cmpl-"
+    )
+    lp = chat_json.json()["choices"][0]["logprobs"]["content"]
+    assert 1 <= len(lp) <= 4 and list(lp[0]) == ["token", "logprob", "bytes", "top_logprobs"]
+    clp = cmpl_json.json()["choices"][0]["logprobs"]
+    assert list(clp) == ["tokens", "token_logprobs", "top_logprobs", "text_offset"]
+    assert clp["text_offset"][0] == 0 and len(clp["text_offset"]) == len(clp["tokens"])
+
+    chunks = _events(chat_sse.text)
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [
+        {"role": "assistant", "content": ""}
+    ] * 2
+    assert all(list(c) == ["id", "object", "created", "model", "choices", "usage"] for c in chunks)
+    assert all(c["usage"] is None for c in chunks[:-1]) and chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["prompt_tokens"] == 2
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    chunks = _events(cmpl_sse.text)
+    assert all(list(c) == ["id", "object", "created", "model", "choices"] for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == 2
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    assert all("usage" not in c for c in _events(cmpl_plain.text))
+    assert cmpl_plain.headers["cache-control"] == "no-cache"
+    assert cmpl_plain.headers["content-type"].startswith("text/event-stream")
+    store.close()
+
+
+def test_proxy_modules_import_no_cycle() -> None:
+    """No import cycle among proxy modules (lazy imports inside functions included)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    graph: dict[str, set[str]] = {}
+    for p in (root / "proxy").rglob("*.py"):
+        name = ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("proxy"):
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("proxy"))
+        graph[name] = deps
+    edges = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    done: set[str] = set()
+
+    def visit(m: str, path: tuple[str, ...]) -> None:
+        assert m not in path, " -> ".join((*path, m))
+        if m in done:
+            return
+        for d in sorted(edges[m]):
+            visit(d, (*path, m))
+        done.add(m)
+
+    for m in sorted(edges):
+        visit(m, ())

@@ -20,8 +20,9 @@ import httpx
 import openai
 import pytest
 
-from proxy.serving import StepLoopBackend, backend_for
-from proxy.vllm_serving import PhaseLock
+from proxy.backends import backend_for
+from proxy.serving import StepLoopBackend
+from proxy.vllm_serving import PhaseLock, share_engine_lock
 from tests.fakes import FakeEngine
 from tests.server_harness import Server, create_tenant
 
@@ -82,6 +83,17 @@ def test_phase_lock_timeout_and_release_errors() -> None:
     lock.release()
     with pytest.raises(RuntimeError):
         lock.release()
+
+
+def test_share_engine_lock_swaps_the_engines_lock_once() -> None:
+    """The hook serving uses: the engine's own lock becomes one PhaseLock, shared thereafter."""
+    import threading
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(lock=threading.Lock())
+    lock = share_engine_lock(engine)
+    assert isinstance(lock, PhaseLock) and engine.lock is lock
+    assert share_engine_lock(engine) is lock
 
 
 def test_non_vllm_engines_keep_the_step_loop() -> None:

@@ -1,0 +1,249 @@
+"""One response builder for chat and completions, JSON and server-sent events.
+
+Both endpoints turn the same :class:`~proxy.serving.TokenEvent` stream (from either serving
+backend) into OpenAI's shapes; they differ only in a few fields, which a :class:`Shape`
+names: the ``object`` strings, how a choice carries its text (``message`` / ``delta`` for chat,
+``text`` for completions), the log-probability format, and two quirks kept for byte-identical
+output (a chat chunk carries ``"usage": null`` when usage is requested, and chat opens a stream
+with one role chunk per choice).
+
+Invariants: every choice ends with a ``finish_reason`` (``"length"`` when the backend gave
+none); ``usage`` counts one completion token per event; a stream ends with ``data: [DONE]``;
+served-token metrics are counted once the events are exhausted, so an aborted stream counts
+nothing. Chunks are ``json.dumps`` with its default separators, JSON bodies FastAPI's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from proxy.metrics import Metrics
+from proxy.serving import TokenEvent
+
+__all__ = ["CHAT", "COMPLETION", "Reply", "Shape", "sse", "usage"]
+
+Decode = Callable[[Sequence[int]], str]
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    """OpenAI's ``usage`` object."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def sse(chunks: Iterator[str]) -> StreamingResponse:
+    """Server-sent events: each chunk as ``data: …``, then ``data: [DONE]``."""
+
+    def body() -> Iterator[str]:
+        for c in chunks:
+            yield f"data: {c}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"cache-control": "no-cache"}
+    )
+
+
+class Shape:
+    """What distinguishes one endpoint's response from the other's (see the module text)."""
+
+    object: str
+    chunk_object: str
+    usage_in_every_chunk: bool
+    opens_with_role: bool
+    counts_streamed_prompt: bool
+
+    def choice_text(self, text: str) -> tuple[str, Any]:
+        """The (field, value) carrying a finished choice's text."""
+        raise NotImplementedError
+
+    def delta(self, text: str) -> tuple[str, Any]:
+        """The (field, value) carrying a streamed chunk's new text."""
+        raise NotImplementedError
+
+    def new_logprobs(self) -> Any:
+        """An empty log-probability accumulator for one choice."""
+        raise NotImplementedError
+
+    def add_logprob(self, acc: Any, ev: TokenEvent, text_before: str, decode: Decode) -> None:
+        """Record ``ev``'s log-probabilities; ``text_before`` is the choice's text so far."""
+        raise NotImplementedError
+
+    def logprobs(self, acc: Any) -> Any:
+        """The finished choice's ``logprobs`` value."""
+        return acc
+
+
+class _ChatShape(Shape):
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    usage_in_every_chunk = True
+    opens_with_role = True
+    counts_streamed_prompt = True
+
+    def choice_text(self, text: str) -> tuple[str, Any]:
+        return "message", {"role": "assistant", "content": text}
+
+    def delta(self, text: str) -> tuple[str, Any]:
+        return "delta", ({"content": text} if text else {})
+
+    def new_logprobs(self) -> list[dict[str, Any]]:
+        return []
+
+    def add_logprob(self, acc: Any, ev: TokenEvent, text_before: str, decode: Decode) -> None:
+        tok = decode([ev.token])
+        acc.append(
+            {
+                "token": tok,
+                "logprob": ev.logprob,
+                "bytes": list(tok.encode()),
+                "top_logprobs": [
+                    {"token": (t := decode([i])), "logprob": lp, "bytes": list(t.encode())}
+                    for i, lp in ev.top
+                ],
+            }
+        )
+
+    def logprobs(self, acc: Any) -> Any:
+        return {"content": acc}
+
+
+class _CompletionShape(Shape):
+    object = "text_completion"
+    chunk_object = "text_completion"
+    usage_in_every_chunk = False
+    opens_with_role = False
+    # kept as it was: a streamed completion counts its completion tokens only
+    counts_streamed_prompt = False
+
+    def choice_text(self, text: str) -> tuple[str, Any]:
+        return "text", text
+
+    def delta(self, text: str) -> tuple[str, Any]:
+        return "text", text
+
+    def new_logprobs(self) -> dict[str, list[Any]]:
+        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def add_logprob(self, acc: Any, ev: TokenEvent, text_before: str, decode: Decode) -> None:
+        acc["text_offset"].append(len(text_before))
+        acc["tokens"].append(decode([ev.token]))
+        acc["token_logprobs"].append(ev.logprob)
+        acc["top_logprobs"].append({decode([i]): v for i, v in ev.top})
+
+
+CHAT: Shape = _ChatShape()
+COMPLETION: Shape = _CompletionShape()
+
+
+@dataclass
+class Reply:
+    """One request's response: its id, time, model and prompt, built from its events.
+
+    ``prefix`` is prepended to every finished choice's text (a completion's ``echo``); with
+    ``want_logprobs`` each finished choice carries its log-probabilities, else ``null``.
+    """
+
+    shape: Shape
+    id_prefix: str
+    model: str
+    prompt_tokens: int
+    n: int
+    metrics: Metrics
+    decode: Decode
+    want_logprobs: bool = False
+    prefix: str = ""
+    id: str = field(init=False)
+    created: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.id = self.id_prefix + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _count(self, completion_tokens: int, *, prompt: bool = True) -> None:
+        self.metrics.served_tokens.labels("completion").inc(completion_tokens)
+        if prompt:
+            self.metrics.served_tokens.labels("prompt").inc(self.prompt_tokens)
+
+    def json(self, events: Iterator[TokenEvent]) -> dict[str, Any]:
+        """The whole (non-streamed) response body."""
+        texts = [""] * self.n
+        finish: list[str | None] = [None] * self.n
+        lps = [self.shape.new_logprobs() for _ in range(self.n)]
+        count = 0
+        for ev in events:
+            if self.want_logprobs:
+                self.shape.add_logprob(lps[ev.index], ev, texts[ev.index], self.decode)
+            texts[ev.index] += ev.delta
+            count += 1
+            if ev.finish_reason:
+                finish[ev.index] = ev.finish_reason
+        self._count(count)
+        choices = []
+        for i in range(self.n):
+            name, value = self.shape.choice_text(self.prefix + texts[i])
+            choices.append(
+                {
+                    "index": i,
+                    name: value,
+                    "logprobs": self.shape.logprobs(lps[i]) if self.want_logprobs else None,
+                    "finish_reason": finish[i] or "length",
+                }
+            )
+        return {
+            "id": self.id,
+            "object": self.shape.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage(self.prompt_tokens, count),
+        }
+
+    def _chunk(self, choices: list[dict[str, Any]], *, with_usage: bool, usage_: Any = None) -> str:
+        obj: dict[str, Any] = {
+            "id": self.id,
+            "object": self.shape.chunk_object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if with_usage:
+            obj["usage"] = usage_
+        return json.dumps(obj)
+
+    def _chunks(self, events: Iterator[TokenEvent], include_usage: bool) -> Iterator[str]:
+        every = include_usage and self.shape.usage_in_every_chunk  # chat: "usage": null
+        if self.shape.opens_with_role:
+            for i in range(self.n):
+                role = {"role": "assistant", "content": ""}
+                choice = {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
+                yield self._chunk([choice], with_usage=every)
+        count = 0
+        for ev in events:
+            count += 1
+            if ev.delta or ev.finish_reason:
+                name, value = self.shape.delta(ev.delta)
+                choice = {
+                    "index": ev.index,
+                    name: value,
+                    "logprobs": None,
+                    "finish_reason": ev.finish_reason,
+                }
+                yield self._chunk([choice], with_usage=every)
+        self._count(count, prompt=self.shape.counts_streamed_prompt)
+        if include_usage:
+            yield self._chunk([], with_usage=True, usage_=usage(self.prompt_tokens, count))
+
+    def stream(self, events: Iterator[TokenEvent], *, include_usage: bool) -> StreamingResponse:
+        """The streamed response: one chunk per event that adds text or finishes a choice."""
+        return sse(self._chunks(events, include_usage))

@@ -1,0 +1,32 @@
+"""The HTTP routes, one FastAPI ``APIRouter`` per API, wired by :func:`proxy.app.create_app`.
+
+=================  ===================================================================
+module             routes
+=================  ===================================================================
+``ops``            ``/health``, ``/metrics`` (operator; no tenant key)
+``openai``         ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` (any key)
+``datasets``       ``/v1/private/datasets`` (admin keys)
+``demonstrations`` ``/v1/private/demonstrations`` (admin keys: plan, admit, status)
+``account``        ``/v1/private/budget``, ``/v1/private/keys`` (admin keys)
+``batch``          reserved for ``/v1/files`` and ``/v1/batches`` (no routes yet)
+=================  ===================================================================
+
+Every route reaches the store, engine and metrics only through
+:func:`proxy.context.get_context`, and its caller only through :mod:`proxy.auth`.
+"""
+
+from __future__ import annotations
+
+from proxy.routes import account, batch, datasets, demonstrations, openai, ops
+
+ROUTERS = (
+    ops.router,
+    openai.router,
+    datasets.router,
+    demonstrations.router,
+    account.router,
+    batch.router,
+)
+"""In registration order (which is also the order of ``/openapi.json``)."""
+
+__all__ = ["ROUTERS"]
