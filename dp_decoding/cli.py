@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from dp_decoding.mechanisms import registry as mechanisms
 from dp_decoding.plan import DEFAULTS, Plan, PlanError, make_plan
 from dp_decoding.records import DataError, Record, load_jsonl
 
@@ -100,7 +101,7 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, need_data: bool) -> None:
     )
     p.add_argument(
         "--mechanism",
-        choices=("gaussian", "exponential"),
+        choices=mechanisms.names(),
         default=d["mechanism"],
         help="Gaussian noisy argmax or the exponential mechanism",
     )
