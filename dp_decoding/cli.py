@@ -264,12 +264,11 @@ def _check_context(plan: Plan, engine_name: str, engine: Any = None) -> int | No
     record is read (``PlanError``, exit 2, when it does not fit). Without a loaded engine the
     embedded and vLLM engines' tokenizer and context are read from the model directory; an
     upstream engine's context is not known here (skipped)."""
+    from dp_decoding.engines.base import context_limit
     from dp_decoding.rows import check_context
 
     if engine is not None:
-        return check_context(
-            plan, _task_of(plan), engine.tokenize, getattr(engine, "max_context", None)
-        )
+        return check_context(plan, _task_of(plan), engine.tokenize, context_limit(engine))
     if engine_name not in ("embedded", "vllm"):
         return None
     import json as _json
@@ -327,6 +326,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     records = _load(args)
     assert records is not None
     from dp_decoding.engines import load_engine
+    from dp_decoding.engines.base import Describable
     from dp_decoding.generate import DemoGenerator
     from prompts import generic_task, get_task
 
@@ -360,9 +360,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     demos = gen.run(records)
     bar.close()
     facts: dict[str, Any] = {"engine": args.engine, "model": engine.name}
-    if hasattr(engine, "describe"):  # upstream: how candidate log-probabilities were read
+    if isinstance(engine, Describable):  # upstream: how candidate log-probabilities were read
         facts.update(engine.describe())
-    facts["in_engine_aggregation"] = plan.regime == "fixed" and gen._use_in_engine()
+    facts["in_engine_aggregation"] = gen.uses_in_engine_aggregation()
     # How many groups the step loop finished depends on the run (on private data), so it is
     # not released in the output; the curator sees it here.
     print(

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dp_decoding.engines.base import Batch, Engine
+from dp_decoding.engines.base import Batch, Engine, InEngineAggregation, PublicBatches
 from dp_decoding.mechanisms import Mechanism, aggregate
 from dp_decoding.noise import new_job_key, os_entropy_rng
 from dp_decoding.plan import Plan
@@ -293,17 +293,24 @@ class DemoGenerator:
         if self.plan.candidates != "public-topk":
             return None
         prompts = [g.public + g.generated for g in wave]
-        if getattr(self.engine, "marks_public_batches", False):
+        if isinstance(self.engine, PublicBatches) and self.engine.marks_public_batches:
             # engines that refuse full-vocabulary reads on private batches (upstream) are told
             # this batch holds only the data-free public prompt
-            return self.engine.start(prompts, public=True)  # type: ignore[call-arg]
+            return self.engine.start(prompts, public=True)
         return self.engine.start(prompts)
 
     # -- regimes ----------------------------------------------------------------------------
+    def uses_in_engine_aggregation(self) -> bool:
+        """Whether :meth:`run` generates the fixed regime inside the engine (design 2): a
+        declared, data-free fact (the plan, the engine's abilities and ``in_engine``). Raises
+        ValueError when ``in_engine=True`` asks for what the engine or the plan cannot do."""
+        return self.plan.regime == "fixed" and self._use_in_engine()
+
     def _use_in_engine(self) -> bool:
         """Design 2 (aggregation inside the engine) when the engine offers it and the
         candidates need no public engine call per step (public top-k does: step loop)."""
-        able = bool(getattr(self.engine, "supports_in_engine_aggregation", False))
+        engine = self.engine
+        able = isinstance(engine, InEngineAggregation) and engine.supports_in_engine_aggregation
         if self.in_engine and not able:
             raise ValueError("this engine has no in-engine aggregation (use the vllm engine)")
         if self.in_engine and self.plan.candidates == "public-topk":
@@ -315,7 +322,8 @@ class DemoGenerator:
     def _run_fixed_in_engine(self, groups: list[_Group]) -> None:
         """Every group in one engine ``generate`` (design 2); the mechanism's draws happen in
         the engine's logits processor through ``choose``, one per (group, position)."""
-        results = self.engine.generate_aggregated(  # type: ignore[attr-defined]
+        assert isinstance(self.engine, InEngineAggregation)
+        results = self.engine.generate_aggregated(
             [g.prompts for g in groups],
             lambda scores: self.mechanism.select(scores, self.rng),
             candidates=self._candidates(None),
@@ -448,14 +456,3 @@ def _columns(lp: np.ndarray, cand: np.ndarray | None, cols: np.ndarray | None) -
     if cols is not None:
         return lp[:, cols]
     return lp if cand is None else lp[:, cand]
-
-
-def generate_demonstrations(
-    engine: Engine,
-    plan: Plan,
-    task: TaskFormat,
-    records: Sequence[Record],
-    **kwargs: object,
-) -> list[Demonstration]:
-    """Library entry point: run a plan over records on an engine."""
-    return DemoGenerator(engine, plan, task, **kwargs).run(records)  # type: ignore[arg-type]
