@@ -34,6 +34,8 @@ def _positive_float(text: str) -> float:
 
 
 def add_plan_arguments(p: argparse.ArgumentParser, *, need_data: bool) -> None:
+    """The options shared by ``dpicl plan`` and ``dpicl generate``: data, task and labels,
+    then the declared privacy parameters (:func:`_add_privacy_arguments`)."""
     d = DEFAULTS
     p.add_argument(
         "--data", required=need_data, help="private examples, JSONL (one object per line)"
@@ -61,6 +63,13 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, need_data: bool) -> None:
         "--task generic: the label set is a privacy parameter and is never read from the "
         "data; `dpicl labels --data FILE` shows your file's labels)",
     )
+    _add_privacy_arguments(p)
+
+
+def _add_privacy_arguments(p: argparse.ArgumentParser) -> None:
+    """The declared privacy and shape parameters (after the data and task options, in the
+    order ``--help`` lists them)."""
+    d = DEFAULTS
     p.add_argument(
         "--epsilon", type=_positive_float, default=d["epsilon"], help="target ε ('inf' = no noise)"
     )

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import accountant
 from accountant import JobEvent
-from dp_decoding.mechanisms import Mechanism, PublicTokenGate
+from dp_decoding.mechanisms import Mechanism, MechanismSpec, PublicTokenGate
 from dp_decoding.mechanisms import registry as mechanisms
 
 Regime = Literal["fixed", "resampled"]
@@ -221,25 +221,9 @@ def make_plan(
     else:
         candidate_token_ids = None
 
-    _check(math.isfinite(public_prior) and public_prior >= 0, "public-prior must be a number >= 0")
-    if public_prior > 0:
-        _check(
-            spec.public_prior and candidates == "public-topk",
-            "public-prior needs the exponential mechanism and public top-k candidates",
-        )
-    if gate_cutoff is not None or gate_threshold is not None:
-        _check(
-            regime == "fixed" and spec.gate and candidates == "public-topk",
-            "the public-token gate needs the fixed regime, the exponential mechanism and "
-            "public top-k candidates",
-        )
-        _check(gate_cutoff is not None, "the gate needs a declared cutoff (gate-cutoff)")
-        _check(
-            isinstance(gate_cutoff, int) and 1 <= gate_cutoff <= max_tokens,  # type: ignore[operator]
-            "gate-cutoff must be an integer between 1 and max-tokens",
-        )
-        gate_threshold = 0.5 if gate_threshold is None else float(gate_threshold)
-        _check(0 < gate_threshold <= 1, "gate-threshold must be in (0, 1] (a TV distance)")
+    gate_threshold = _check_prior_and_gate(
+        spec, regime, candidates, max_tokens, public_prior, gate_cutoff, gate_threshold
+    )
     steps_per_demo = max_tokens if gate_cutoff is None else gate_cutoff
     steps = steps_per_demo if regime == "fixed" else shots * steps_per_demo
     notes: list[str] = []
@@ -277,6 +261,40 @@ def make_plan(
         gate_cutoff=gate_cutoff,
         gate_threshold=gate_threshold,
     )
+
+
+def _check_prior_and_gate(
+    spec: MechanismSpec,
+    regime: str,
+    candidates: str,
+    max_tokens: int,
+    public_prior: float,
+    gate_cutoff: int | None,
+    gate_threshold: float | None,
+) -> float | None:
+    """The public prior and the gate are admitted only where the mechanism's spec allows
+    them (fixed regime and public top-k for the gate); returns the gate's threshold θ
+    (0.5 when a gate is declared without one, None without a gate)."""
+    _check(math.isfinite(public_prior) and public_prior >= 0, "public-prior must be a number >= 0")
+    if public_prior > 0:
+        _check(
+            spec.public_prior and candidates == "public-topk",
+            "public-prior needs the exponential mechanism and public top-k candidates",
+        )
+    if gate_cutoff is not None or gate_threshold is not None:
+        _check(
+            regime == "fixed" and spec.gate and candidates == "public-topk",
+            "the public-token gate needs the fixed regime, the exponential mechanism and "
+            "public top-k candidates",
+        )
+        _check(gate_cutoff is not None, "the gate needs a declared cutoff (gate-cutoff)")
+        _check(
+            isinstance(gate_cutoff, int) and 1 <= gate_cutoff <= max_tokens,  # type: ignore[operator]
+            "gate-cutoff must be an integer between 1 and max-tokens",
+        )
+        gate_threshold = 0.5 if gate_threshold is None else float(gate_threshold)
+        _check(0 < gate_threshold <= 1, "gate-threshold must be in (0, 1] (a TV distance)")
+    return gate_threshold
 
 
 def _check(ok: bool, message: str) -> None:
