@@ -17,6 +17,7 @@ import numpy as np
 
 from accountant import JobEvent
 from accountant.calibration import EventFactory, calibrate_event, exponential_guess
+from dp_decoding.mechanisms import gate
 from dp_decoding.mechanisms.base import MechanismSpec, PlanNoise
 
 EXPONENTIAL_SENSITIVITY = 1.0
@@ -93,12 +94,15 @@ class ExponentialMechanism:
 def calibrate(
     regime: str, steps: int, epsilon: float, delta: float, q: float | None, gated: bool = False
 ) -> dict[str, Any]:
-    """The largest ε₀ whose event stays within ``epsilon`` (∞ for ε = ∞: argmax)."""
+    """The largest ε₀ whose event stays within ``epsilon`` (∞ for ε = ∞: argmax); a gated
+    plan's ``steps`` are gate rounds, calibrated by :func:`.gate.calibrate`."""
+    if gated:
+        return {"epsilon0": gate.calibrate(steps, epsilon, delta)}
     eps0 = calibrate_event(
-        event_factory(regime, steps, q, gated=gated),
+        event_factory(regime, steps, q),
         epsilon,
         delta,
-        guess=lambda: exponential_guess(steps * (5 if gated else 1), epsilon, delta, q),
+        guess=lambda: exponential_guess(steps, epsilon, delta, q),
         noise_grows=False,
     )
     return {"epsilon0": eps0}

@@ -5,7 +5,8 @@ Sensitivity: the query ``d = ½‖s − M·p_pub‖₁`` moves by at most 1 betw
 inputs are rounded to the grid :data:`GATE_GRID`, so the rounded query's sensitivity is
 :data:`GATE_ROUNDED_SENSITIVITY` = 1 + 2⁻²⁰. Event: the exponential mechanism's event with
 ``gated=True`` (each of the ``c`` rounds one AboveThreshold instance plus one selection, both
-at ε₀); the plan calibrates it through the exponential spec (:mod:`.exponential`).
+at ε₀): :func:`event_factory`, calibrated by :func:`calibrate`, which the exponential spec
+calls for a gated plan (:mod:`.exponential`; the gate admits no other mechanism).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from accountant import JobEvent
+from accountant.calibration import EventFactory, calibrate_event, exponential_guess
 from dp_decoding.mechanisms.aggregation import aggregate
 
 GATE_SENSITIVITY = 1.0
@@ -28,6 +31,24 @@ on that grid is added (OpenDP's exact sampler in service). Rounding moves each i
 ``g/2``, so the rounded query's sensitivity is at most ``1 + g`` (a multiple of ``g``), and
 that also covers the float error of computing ``d`` (≤ K·M·2⁻⁵², far below ``g/2``)."""
 GATE_ROUNDED_SENSITIVITY = GATE_SENSITIVITY + GATE_GRID
+
+
+def event_factory(rounds: int) -> EventFactory:
+    """ε₀ → the event of ``rounds`` gate rounds (fixed regime): each one AboveThreshold
+    instance (ε₀-DP) and one exponential selection (ε₀-bounded-range)."""
+    return lambda eps0: JobEvent("exponential", "fixed", rounds, epsilon0=eps0, gated=True)
+
+
+def calibrate(rounds: int, epsilon: float, delta: float) -> float:
+    """The largest ε₀ (shared by the gate and the selection) whose event stays within
+    ``epsilon`` (∞ for ε = ∞)."""
+    return calibrate_event(
+        event_factory(rounds),
+        epsilon,
+        delta,
+        guess=lambda: exponential_guess(rounds * 5, epsilon, delta, None),
+        noise_grows=False,
+    )
 
 
 @dataclass(frozen=True)
