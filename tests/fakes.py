@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from dp_decoding.engines.fake import EOS, NEWLINE, VOCAB, FakeBatch, FakeEngine, _row_logprobs
+from dp_decoding.engines.fake import EOS, NEWLINE, VOCAB, FakeBatch, FakeEngine
 from dp_decoding.records import Record, record_unit
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "CountingRng",
     "FakeBatch",
     "FakeEngine",
-    "_row_logprobs",
     "tiny_eval_config",
     "two_label_records",
 ]
