@@ -1,5 +1,9 @@
 """Calibrate a mechanism's noise to a target (ε, δ), never landing above the target.
 
+A mechanism hands :func:`calibrate_event` an *event factory* (its noise parameter → the job's
+:class:`JobEvent`) and the direction in which its parameter adds privacy; :func:`calibrate`
+is the same search for the two built-in event kinds named by string.
+
 The search runs on the reported figure :func:`accountant.accounting.epsilon` itself, so the
 plan's promise and the ledger's number are the same function. ε is monotone in the parameter
 (decreasing in the Gaussian noise multiplier σ, increasing in the exponential mechanism's ε0),
@@ -33,6 +37,46 @@ _SHRINK = 1.0099  # stop a little inside 1.01 so that x·1.01 is past the bracke
 _PARAMETER_RANGE = (1e-8, 1e8)
 
 
+EventFactory = Callable[[float], JobEvent]
+"""A noise parameter (σ's noise multiplier, ε0, ...) → the job's :class:`JobEvent` at it."""
+
+
+def calibrate_event(
+    event_for: EventFactory,
+    target_epsilon: float,
+    delta: float,
+    *,
+    guess: Callable[[], float],
+    noise_grows: bool,
+) -> float:
+    """The noise parameter ``x`` of ``event_for`` closest to the target with
+    ``epsilon(event_for(x), delta) <= target_epsilon``: never above the target, within 1% of
+    the optimum. The mechanism supplies the event factory; nothing here knows its name.
+
+    ``noise_grows``: True when a larger parameter is more private (a noise multiplier: the
+    smallest feasible x is returned, and ε(x/1.01) > target); False when a smaller one is (a
+    per-step ε0: the largest feasible x, and ε(1.01·x) > target). ``guess()`` is the search's
+    starting point, called only for a finite target. ``target_epsilon = inf`` is the
+    non-private case: 0.0 (no noise) when ``noise_grows``, else ``math.inf``; neither is a
+    valid event parameter, so the caller treats it as "no privacy event".
+
+    Raises ValueError for a target ≤ 0 or NaN, δ outside (0, 1), an event the factory refuses,
+    or a target that would put the parameter outside [1e-8, 1e8].
+    """
+    target = _check_target(target_epsilon)
+    delta = check_delta(delta)
+    if math.isinf(target):
+        return 0.0 if noise_grows else math.inf
+
+    def feasible(x: float) -> bool:
+        return epsilon(event_for(x), delta) <= target
+
+    if noise_grows:
+        # Feasibility grows with the noise; search on 1/x, for which it shrinks like ε0's.
+        return 1.0 / _largest_feasible(lambda x: feasible(1.0 / x), 1.0 / guess())
+    return _largest_feasible(feasible, guess())
+
+
 def calibrate(
     mechanism: str,
     regime: str,
@@ -44,8 +88,10 @@ def calibrate(
     gated: bool = False,
 ) -> float:
     """Smallest noise_multiplier (gaussian) or largest epsilon0 (exponential) such that
-    ``epsilon(JobEvent(...), delta) <= target_epsilon``. ``gated``: the exponential job with
-    the public-token gate (``steps`` rounds of AboveThreshold + selection, both at ε0).
+    ``epsilon(JobEvent(...), delta) <= target_epsilon``: :func:`calibrate_event` with the
+    event factory of the named :class:`JobEvent` kind (kept for callers that name the event;
+    the generation core's mechanisms pass their own factories). ``gated``: the exponential job
+    with the public-token gate (``steps`` rounds of AboveThreshold + selection, both at ε0).
 
     GUARANTEED ≤ target (never "within tolerance above"), and within 1% of the optimum:
 
@@ -72,26 +118,21 @@ def calibrate(
     target = _check_target(target_epsilon)
     delta = check_delta(delta)
     q = check_sampling_probability(regime, q)
-    if math.isinf(target):
-        return 0.0 if mechanism == "gaussian" else math.inf
-
     if mechanism == "gaussian":
-
-        def noise_feasible(sigma: float) -> bool:
-            event = JobEvent("gaussian", regime, count, noise_multiplier=sigma, q=q)
-            return epsilon(event, delta) <= target
-
-        guess = _gaussian_guess(count, target, delta, q)
-        # Feasibility grows with σ; search on 1/σ, for which it shrinks like ε0's.
-        inverse = _largest_feasible(lambda x: noise_feasible(1.0 / x), 1.0 / guess)
-        return 1.0 / inverse
-
-    def epsilon0_feasible(epsilon0: float) -> bool:
-        event = JobEvent("exponential", regime, count, epsilon0=epsilon0, q=q, gated=gated)
-        return epsilon(event, delta) <= target
-
-    guess = _exponential_guess(count * (5 if gated else 1), target, delta, q)
-    return _largest_feasible(epsilon0_feasible, guess)
+        return calibrate_event(
+            lambda sigma: JobEvent("gaussian", regime, count, noise_multiplier=sigma, q=q),  # type: ignore[arg-type]
+            target,
+            delta,
+            guess=lambda: gaussian_guess(count, target, delta, q),
+            noise_grows=True,
+        )
+    return calibrate_event(
+        lambda eps0: JobEvent("exponential", regime, count, epsilon0=eps0, q=q, gated=gated),  # type: ignore[arg-type]
+        target,
+        delta,
+        guess=lambda: exponential_guess(count * (5 if gated else 1), target, delta, q),
+        noise_grows=False,
+    )
 
 
 def _largest_feasible(feasible: Callable[[float], bool], guess: float) -> float:
@@ -134,7 +175,7 @@ def _largest_feasible(feasible: Callable[[float], bool], guess: float) -> float:
     return lo
 
 
-def _gaussian_guess(steps: int, target: float, delta: float, q: float | None) -> float:
+def gaussian_guess(steps: int, target: float, delta: float, q: float | None) -> float:
     """σ from Gaussian DP: exact for the fixed regime; for Poisson sampling the CLT
     approximation μ ≈ q·√(steps·(e^(1/σ²) − 1)) (Dong, Roth & Su 2022, Thm. 6), a starting
     point only."""
@@ -145,7 +186,7 @@ def _gaussian_guess(steps: int, target: float, delta: float, q: float | None) ->
     return 1.0 / math.sqrt(math.log1p(ratio * ratio))
 
 
-def _exponential_guess(steps: int, target: float, delta: float, q: float | None) -> float:
+def exponential_guess(steps: int, target: float, delta: float, q: float | None) -> float:
     """ε0 from zCDP: total ρ with ρ + 2√(ρ·log(1/δ)) = target, split over steps (ε0²/8 per
     step when fixed; when resampled, ε'²/2 per amplified step, mapped back through the
     amplification formula). A starting point only."""

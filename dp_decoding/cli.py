@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from dp_decoding.mechanisms import registry as mechanisms
 from dp_decoding.plan import DEFAULTS, Plan, PlanError, make_plan
 from dp_decoding.records import DataError, Record, load_jsonl
 
@@ -33,6 +34,8 @@ def _positive_float(text: str) -> float:
 
 
 def add_plan_arguments(p: argparse.ArgumentParser, *, need_data: bool) -> None:
+    """The options shared by ``dpicl plan`` and ``dpicl generate``: data, task and labels,
+    then the declared privacy parameters (:func:`_add_privacy_arguments`)."""
     d = DEFAULTS
     p.add_argument(
         "--data", required=need_data, help="private examples, JSONL (one object per line)"
@@ -60,6 +63,13 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, need_data: bool) -> None:
         "--task generic: the label set is a privacy parameter and is never read from the "
         "data; `dpicl labels --data FILE` shows your file's labels)",
     )
+    _add_privacy_arguments(p)
+
+
+def _add_privacy_arguments(p: argparse.ArgumentParser) -> None:
+    """The declared privacy and shape parameters (after the data and task options, in the
+    order ``--help`` lists them)."""
+    d = DEFAULTS
     p.add_argument(
         "--epsilon", type=_positive_float, default=d["epsilon"], help="target ε ('inf' = no noise)"
     )
@@ -100,7 +110,7 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, need_data: bool) -> None:
     )
     p.add_argument(
         "--mechanism",
-        choices=("gaussian", "exponential"),
+        choices=mechanisms.names(),
         default=d["mechanism"],
         help="Gaussian noisy argmax or the exponential mechanism",
     )
@@ -263,12 +273,11 @@ def _check_context(plan: Plan, engine_name: str, engine: Any = None) -> int | No
     record is read (``PlanError``, exit 2, when it does not fit). Without a loaded engine the
     embedded and vLLM engines' tokenizer and context are read from the model directory; an
     upstream engine's context is not known here (skipped)."""
+    from dp_decoding.engines.base import context_limit
     from dp_decoding.rows import check_context
 
     if engine is not None:
-        return check_context(
-            plan, _task_of(plan), engine.tokenize, getattr(engine, "max_context", None)
-        )
+        return check_context(plan, _task_of(plan), engine.tokenize, context_limit(engine))
     if engine_name not in ("embedded", "vllm"):
         return None
     import json as _json
@@ -326,6 +335,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     records = _load(args)
     assert records is not None
     from dp_decoding.engines import load_engine
+    from dp_decoding.engines.base import Describable
     from dp_decoding.generate import DemoGenerator
     from prompts import generic_task, get_task
 
@@ -359,9 +369,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     demos = gen.run(records)
     bar.close()
     facts: dict[str, Any] = {"engine": args.engine, "model": engine.name}
-    if hasattr(engine, "describe"):  # upstream: how candidate log-probabilities were read
+    if isinstance(engine, Describable):  # upstream: how candidate log-probabilities were read
         facts.update(engine.describe())
-    facts["in_engine_aggregation"] = plan.regime == "fixed" and gen._use_in_engine()
+    facts["in_engine_aggregation"] = gen.uses_in_engine_aggregation()
     # How many groups the step loop finished depends on the run (on private data), so it is
     # not released in the output; the curator sees it here.
     print(

@@ -10,7 +10,7 @@ and nothing is logged. Its methods mirror the few
 ``laplace``, ``normal``), so a seeded ``numpy.random.Generator`` can stand in for it in tests
 (duck typing), plus two exact samplers from OpenDP (:meth:`SecureRandom.grid_laplace`,
 :meth:`SecureRandom.exact_noisy_max`) that the gate and the exponential mechanism use when
-present (see ``dp_decoding/mechanisms.py``; docs/benchmarks.md (noise sources) has the measured costs).
+present (see ``dp_decoding/mechanisms/``; docs/benchmarks.md (noise sources) has the measured costs).
 
 Uniforms: ``random`` returns ``k·2⁻⁵³`` for a uniform 53-bit ``k`` (numpy's convention: in
 [0, 1), so ``u < q`` has probability exactly ``q`` for ``q`` on that grid). The samplers that

@@ -24,18 +24,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import accountant
-from accountant import JobEvent, calibrate
-from dp_decoding.mechanisms import (
-    EXPONENTIAL_SENSITIVITY,
-    GAUSSIAN_SENSITIVITY,
-    ExponentialMechanism,
-    GaussianNoisyArgmax,
-    Mechanism,
-    PublicTokenGate,
-)
+from accountant import JobEvent
+from dp_decoding.mechanisms import Mechanism, MechanismSpec, PublicTokenGate
+from dp_decoding.mechanisms import registry as mechanisms
 
 Regime = Literal["fixed", "resampled"]
-MechanismName = Literal["gaussian", "exponential"]
+MechanismName = str
+"""A name registered in :mod:`dp_decoding.mechanisms.registry` (built in: gaussian,
+exponential); only the registry interprets it."""
 Candidates = Literal["public-topk", "all", "list"]
 
 DEFAULTS: dict[str, Any] = {
@@ -117,11 +113,8 @@ class Plan:
         return PublicTokenGate(self.epsilon0, self.gate_threshold, self.gate_cutoff)
 
     def mechanism_obj(self) -> Mechanism:
-        if self.mechanism == "gaussian":
-            assert self.sigma is not None
-            return GaussianNoisyArgmax(self.sigma)
-        assert self.epsilon0 is not None
-        return ExponentialMechanism(self.epsilon0, prior_weight=self.public_prior)
+        """The calibrated sampler, built by the mechanism's registered spec."""
+        return mechanisms.get(self.mechanism).sampler(self)
 
     def epsilon(self) -> float:
         """The reported (achieved) ε at ``delta``: PLD via dp_accounting (see accountant)."""
@@ -157,18 +150,8 @@ class Plan:
         d["epsilon_rdp"] = _json_float(self.epsilon_rdp())
         d["epsilon_target"] = _json_float(self.epsilon_target)
         d["epsilon0"] = _json_float(self.epsilon0)
-        d["accounting"] = (
-            "dp_accounting PLD (add/remove); RDP computed too"
-            if self.mechanism == "gaussian"
-            else "exponential mechanism: "
-            + (
-                "public-token gate: c rounds of AboveThreshold (ε0-DP) + selection "
-                "(ε0-bounded-range); RDP vs pure-DP PLD, the smaller"
-                if self.gate_cutoff is not None
-                else "bounded range (ε0²/8 zCDP) vs pure-DP PLD, the smaller"
-                if self.regime == "fixed"
-                else "pure DP amplified by Poisson sampling, then PLD"
-            )
+        d["accounting"] = mechanisms.get(self.mechanism).accounting(
+            self.regime, self.gate_cutoff is not None
         )
         return d
 
@@ -209,7 +192,8 @@ def make_plan(
     _check(math.isnan(epsilon) is False and epsilon > 0, "epsilon must be > 0 (or inf)")
     _check(0 < delta < 1, "delta must be in (0, 1)")
     _check(regime in ("fixed", "resampled"), "regime must be 'fixed' or 'resampled'")
-    _check(mechanism in ("gaussian", "exponential"), "mechanism must be gaussian or exponential")
+    _check(mechanism in mechanisms.names(), f"mechanism must be {mechanisms.choices_text()}")
+    spec = mechanisms.get(mechanism)
     _check(candidates in ("public-topk", "all", "list"), "candidates: public-topk, all or list")
     _check(privacy_unit in ("record", "user"), "privacy unit must be 'record' or 'user'")
     for name, v in (
@@ -237,25 +221,9 @@ def make_plan(
     else:
         candidate_token_ids = None
 
-    _check(math.isfinite(public_prior) and public_prior >= 0, "public-prior must be a number >= 0")
-    if public_prior > 0:
-        _check(
-            mechanism == "exponential" and candidates == "public-topk",
-            "public-prior needs the exponential mechanism and public top-k candidates",
-        )
-    if gate_cutoff is not None or gate_threshold is not None:
-        _check(
-            regime == "fixed" and mechanism == "exponential" and candidates == "public-topk",
-            "the public-token gate needs the fixed regime, the exponential mechanism and "
-            "public top-k candidates",
-        )
-        _check(gate_cutoff is not None, "the gate needs a declared cutoff (gate-cutoff)")
-        _check(
-            isinstance(gate_cutoff, int) and 1 <= gate_cutoff <= max_tokens,  # type: ignore[operator]
-            "gate-cutoff must be an integer between 1 and max-tokens",
-        )
-        gate_threshold = 0.5 if gate_threshold is None else float(gate_threshold)
-        _check(0 < gate_threshold <= 1, "gate-threshold must be in (0, 1] (a TV distance)")
+    gate_threshold = _check_prior_and_gate(
+        spec, regime, candidates, max_tokens, public_prior, gate_cutoff, gate_threshold
+    )
     steps_per_demo = max_tokens if gate_cutoff is None else gate_cutoff
     steps = steps_per_demo if regime == "fixed" else shots * steps_per_demo
     notes: list[str] = []
@@ -264,17 +232,7 @@ def make_plan(
         notes.append("user-level privacy: labels compose sequentially")
     B = shots if regime == "fixed" else 1
 
-    sigma: float | None = None
-    eps0: float | None = None
-    if mechanism == "gaussian":
-        sensitivity = GAUSSIAN_SENSITIVITY
-        nm = calibrate("gaussian", regime, steps, epsilon, delta, q=q)
-        sigma = nm * sensitivity
-    else:
-        sensitivity = EXPONENTIAL_SENSITIVITY
-        eps0 = calibrate(
-            "exponential", regime, steps, epsilon, delta, q=q, gated=gate_cutoff is not None
-        )
+    noise = spec.calibrate(regime, steps, epsilon, delta, q, gate_cutoff is not None)
     return Plan(
         labels=labels,
         regime=regime,  # type: ignore[arg-type]
@@ -293,9 +251,9 @@ def make_plan(
         delta=delta,
         privacy_unit=privacy_unit,  # type: ignore[arg-type]
         steps=steps,
-        sigma=sigma,
-        epsilon0=eps0,
-        sensitivity=sensitivity,
+        sigma=noise.get("sigma"),
+        epsilon0=noise.get("epsilon0"),
+        sensitivity=spec.sensitivity,
         task=task,
         model=model,
         notes=tuple(notes),
@@ -303,6 +261,40 @@ def make_plan(
         gate_cutoff=gate_cutoff,
         gate_threshold=gate_threshold,
     )
+
+
+def _check_prior_and_gate(
+    spec: MechanismSpec,
+    regime: str,
+    candidates: str,
+    max_tokens: int,
+    public_prior: float,
+    gate_cutoff: int | None,
+    gate_threshold: float | None,
+) -> float | None:
+    """The public prior and the gate are admitted only where the mechanism's spec allows
+    them (fixed regime and public top-k for the gate); returns the gate's threshold θ
+    (0.5 when a gate is declared without one, None without a gate)."""
+    _check(math.isfinite(public_prior) and public_prior >= 0, "public-prior must be a number >= 0")
+    if public_prior > 0:
+        _check(
+            spec.public_prior and candidates == "public-topk",
+            "public-prior needs the exponential mechanism and public top-k candidates",
+        )
+    if gate_cutoff is not None or gate_threshold is not None:
+        _check(
+            regime == "fixed" and spec.gate and candidates == "public-topk",
+            "the public-token gate needs the fixed regime, the exponential mechanism and "
+            "public top-k candidates",
+        )
+        _check(gate_cutoff is not None, "the gate needs a declared cutoff (gate-cutoff)")
+        _check(
+            isinstance(gate_cutoff, int) and 1 <= gate_cutoff <= max_tokens,  # type: ignore[operator]
+            "gate-cutoff must be an integer between 1 and max-tokens",
+        )
+        gate_threshold = 0.5 if gate_threshold is None else float(gate_threshold)
+        _check(0 < gate_threshold <= 1, "gate-threshold must be in (0, 1] (a TV distance)")
+    return gate_threshold
 
 
 def _check(ok: bool, message: str) -> None:

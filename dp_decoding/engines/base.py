@@ -12,12 +12,21 @@ Invariants every implementation keeps:
   (a step costs one batched decode, not a re-prefill).
 - Separate ``start`` calls are separate engine calls: a public prompt is never batched together
   with private prompts (kernels are not batch-invariant, docs/ARCHITECTURE.md §7).
+
+Beyond :class:`Engine` (what every engine has), each optional ability is its own small
+runtime-checkable protocol, tested with ``isinstance`` (never ``getattr``):
+:class:`ChatTemplating` (serving), :class:`PublicBatches` (the engine must be told which
+batch holds only the public prompt), :class:`InEngineAggregation` (design 2),
+:class:`Describable` (facts for the released output), :class:`Closable`, :class:`Locking`
+(engine calls serialised by a lock a server may replace) and :class:`ContextLimited`.
+:mod:`dp_decoding.engines.fake` ships a deterministic engine for tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -62,6 +71,87 @@ class Engine(Protocol):
         the declared width only, never on the prompts' own lengths (row independence, see
         :func:`check_prompts`)."""
         ...
+
+
+@runtime_checkable
+class ChatTemplating(Protocol):
+    """Chat messages → prompt token ids with the model's chat template (serving only)."""
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+
+@runtime_checkable
+class PublicBatches(Protocol):
+    """An engine that must be told which batch holds only the data-free public prompt
+    (``start(..., public=True)``), e.g. because it refuses full-vocabulary reads of private
+    batches. Used only when ``marks_public_batches`` is true."""
+
+    marks_public_batches: bool
+
+    def start(
+        self, prompts: Sequence[Sequence[int]], *, public: bool = False, width: int | None = None
+    ) -> Batch: ...
+
+
+class AggregatedGroup(Protocol):
+    """One group's result of in-engine aggregation: the released tokens, in order."""
+
+    @property
+    def tokens(self) -> list[int]: ...
+
+
+@runtime_checkable
+class InEngineAggregation(Protocol):
+    """Design 2: aggregation inside the engine, one ``choose(scores)`` draw per (group,
+    position) made by the caller's mechanism. Used only when ``supports_in_engine_aggregation``
+    is true. A group whose rows lose lockstep stops without a draw and returns the tokens
+    released so far (the caller continues it by the step loop)."""
+
+    supports_in_engine_aggregation: bool
+
+    def generate_aggregated(
+        self,
+        groups: Sequence[Sequence[Sequence[int]]],
+        choose: Callable[[np.ndarray], int],
+        *,
+        candidates: Sequence[int] | np.ndarray | None,
+        is_stop: Callable[[int], bool],
+        max_tokens: int,
+        width: int | None = None,
+    ) -> Sequence[AggregatedGroup]: ...
+
+
+@runtime_checkable
+class Describable(Protocol):
+    """Public facts about how the engine computed its values (released with the output)."""
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Closable(Protocol):
+    """Holds resources (clients, processes) released by ``close()``."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Locking(Protocol):
+    """Serialises its engine calls with ``with self.lock``; a server may swap the lock."""
+
+    lock: AbstractContextManager[Any]
+
+
+@runtime_checkable
+class ContextLimited(Protocol):
+    """Knows its context length in tokens (plans are checked against it before admission)."""
+
+    max_context: int
+
+
+def context_limit(engine: object) -> int | None:
+    """The engine's context length, or None when it does not declare one."""
+    return engine.max_context if isinstance(engine, ContextLimited) else None
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], width: int | None) -> None:

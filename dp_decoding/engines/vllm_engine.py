@@ -72,15 +72,6 @@ DEFAULT_MAX_MODEL_LEN = 4096
 """The context vLLM is started with (plans are checked against it before admission)."""
 
 
-def vllm_available() -> bool:
-    """True when ``import vllm`` works in this interpreter (the extra is installed)."""
-    try:
-        import vllm  # noqa: F401
-    except Exception:  # ImportError, or a broken install (e.g. CUDA torchvision on CPU)
-        return False
-    return True
-
-
 def _capture_processor_class() -> type:
     """Build the logits processor class lazily (its base class lives in vllm)."""
     import torch
