@@ -9,6 +9,7 @@ import math
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from tests.server_harness import Server, create_tenant
 
 pytestmark = pytest.mark.model
 
-JOB = {"epsilon": 1.0, "max_tokens": 2, "prompts": 2, "labels": ["a", "b"]}
+JOB: dict[str, Any] = {"epsilon": 1.0, "max_tokens": 2, "prompts": 2, "labels": ["a", "b"]}
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 

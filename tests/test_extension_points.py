@@ -117,7 +117,7 @@ def test_a_registered_mechanism_runs_a_plan_end_to_end(toy_mechanism: MechanismS
     assert isinstance(plan.mechanism_obj(), ToyNoisyMax)
 
     engine = FakeEngine()
-    gen = DemoGenerator(engine, plan, generic_task(["A", "B"]), rng=np.random.default_rng(1))  # type: ignore[arg-type]
+    gen = DemoGenerator(engine, plan, generic_task(["A", "B"]), rng=np.random.default_rng(1))
     demos = gen.run(two_label_records(20))
     assert [d.label for d in demos] == ["A", "A", "B", "B"]
     # every released position (kept tokens, and the stop that ended a demonstration) was the

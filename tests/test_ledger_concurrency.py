@@ -171,7 +171,7 @@ def test_sqlite_processes_admit_exactly_k(tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def pg_schema():  # type: ignore[no-untyped-def]
+def pg_schema():
     """A fresh schema per test, dropped afterwards; skip when PostgreSQL is unreachable."""
     psycopg = pytest.importorskip("psycopg")
     try:

@@ -109,7 +109,9 @@ def test_public_prior_is_declared_for_exponential_public_topk_only() -> None:
     from dp_decoding.plan import PlanError
 
     plan = make_plan(labels=["A"], mechanism="exponential", public_prior=1.0)
-    assert plan.mechanism_obj().prior_weight == 1.0 and plan.to_dict()["public_prior"] == 1.0
+    mechanism = plan.mechanism_obj()
+    assert isinstance(mechanism, ExponentialMechanism) and mechanism.prior_weight == 1.0
+    assert plan.to_dict()["public_prior"] == 1.0
     for bad in ({"mechanism": "gaussian"}, {"mechanism": "exponential", "candidates": "all"}):
         with pytest.raises(PlanError):
             make_plan(labels=["A"], public_prior=1.0, **bad)  # type: ignore[arg-type]

@@ -223,7 +223,7 @@ def test_generation_prompt_rejects_mixed_labels_and_bare_extraction_texts() -> N
     with pytest.raises(ValueError):
         generation_prompt(TASKS["agnews"], "Nope", [])
     with pytest.raises(ValueError):
-        generation_prompt(TASKS["agnews"], "World", "one string")  # type: ignore[arg-type]
+        generation_prompt(TASKS["agnews"], "World", "one string")
 
 
 @pytest.mark.parametrize("name", list(TASKS))

@@ -147,8 +147,9 @@ def test_completions_plain_stream_and_logprobs(server: dict[str, Any]) -> None:
     r = c.completions.create(
         model=BASE, prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=2
     )
-    assert r.object == "text_completion" and r.choices[0].logprobs is not None
-    assert len(r.choices[0].logprobs.tokens) == r.usage.completion_tokens
+    lp = r.choices[0].logprobs
+    assert r.object == "text_completion" and lp is not None and lp.tokens is not None
+    assert r.usage is not None and len(lp.tokens) == r.usage.completion_tokens
     streamed = "".join(
         ch.choices[0].text
         for ch in c.completions.create(
@@ -253,7 +254,8 @@ def test_bad_bodies_get_400(server: dict[str, Any], kwargs: dict) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client(server).chat.completions.create(model=BASE, **kwargs)
     assert info.value.status_code == 400
-    assert set(info.value.body) >= {"message", "type", "param", "code"}  # type: ignore[arg-type]
+    assert isinstance(info.value.body, dict)
+    assert set(info.value.body) >= {"message", "type", "param", "code"}
 
 
 def test_malformed_json_and_unknown_model(server: dict[str, Any]) -> None:

@@ -122,7 +122,7 @@ def test_slot_is_keyed_and_independent_of_order() -> None:
 # --- through the real generation loop -------------------------------------------------------
 
 
-def _run_prompts(records: list[Record], regime: str, sampler=None) -> list[list[list[int]]]:  # type: ignore[no-untyped-def]
+def _run_prompts(records: list[Record], regime: str, sampler=None) -> list[list[list[int]]]:
     plan = make_plan(
         labels=["A", "B"],
         epsilon=8.0,
@@ -171,7 +171,7 @@ def test_fixed_regime_loop_neighbours_differ_in_at_most_one_prompt(
     assert all(d <= 1 for d in _prompt_diff(a, b))
 
 
-def _keyed_sampler(step_counter: list[int]):  # type: ignore[no-untyped-def]
+def _keyed_sampler(step_counter: list[int]):
     """A coupled Poisson sampler for the test: a unit's inclusion at call c depends only on
     (c, unit), so neighbouring pools share every other unit's coin."""
 

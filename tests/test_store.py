@@ -7,7 +7,9 @@ import json
 import math
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from accountant import DEFAULT_ORDERS, JobEvent, epsilon_from_rdp, rdp_curve
@@ -23,7 +25,7 @@ from proxy.store import (
 )
 
 SECRET = "TOPSECRET-patient-4711 has condition X"
-RECORDS = [
+RECORDS: list[dict[str, Any]] = [
     {"text": SECRET, "label": "b"},
     {"text": "another private note", "label": "a", "user": "u1"},
     {"text": "third", "label": "a", "user": 7},
@@ -40,13 +42,13 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture()
-def store(db_path: Path):  # type: ignore[no-untyped-def]
+def store(db_path: Path):
     s = Store(f"sqlite:///{db_path}")
     yield s
     s.close()
 
 
-def admit(store: Store, tenant_id: str, name: str | None, **kw):  # type: ignore[no-untyped-def]
+def admit(store: Store, tenant_id: str, name: str | None, **kw):
     event = kw.pop("event", job_event())
     return store.admit_job(
         tenant_id,
@@ -308,7 +310,7 @@ def test_budget_report(store: Store) -> None:
         "charges",
     }
     assert report["epsilon_limit"] == 8.0 and report["delta"] == 1e-6
-    total = sum(rdp_curve(e) for e in events)
+    total = sum((rdp_curve(e) for e in events), np.zeros(len(DEFAULT_ORDERS)))
     assert report["epsilon_spent"] == epsilon_from_rdp(total, DEFAULT_ORDERS, 1e-6)
     assert 0 < report["epsilon_spent"] <= 8.0
     assert report["epsilon_spent_pld"] == compose_pld_epsilon(events, 1e-6)
