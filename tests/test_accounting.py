@@ -411,7 +411,7 @@ def test_job_event_from_dict_rejects_unknown_and_missing_keys():
     with pytest.raises(ValueError):
         JobEvent.from_dict({k: v for k, v in good.items() if k != "steps"})
     with pytest.raises(ValueError):
-        JobEvent.from_dict([("mechanism", "gaussian")])  # type: ignore[arg-type]
+        JobEvent.from_dict([("mechanism", "gaussian")])  # type: ignore[arg-type]  # not a dict, on purpose
     assert JobEvent.from_dict(
         {"mechanism": "gaussian", "regime": "fixed", "steps": 3, "noise_multiplier": 1.0}
     ) == JobEvent.from_dict(good)

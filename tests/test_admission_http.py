@@ -44,7 +44,9 @@ def _tenant_with_room_for_k(db: str) -> tuple[str, int]:
     try:
         for eps in (3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 2.5):
             key = create_tenant(db, f"conc-{eps}-{secrets.token_hex(3)}", eps)
-            tenant = store.get_tenant(store.authenticate(key).tenant_id)  # type: ignore[union-attr]
+            api_key = store.authenticate(key)
+            assert api_key is not None
+            tenant = store.get_tenant(api_key.tenant_id)
             assert tenant is not None
             ratio = tenant.rdp_budget / _job_charge(tenant.order, tenant.delta)
             k = math.floor(ratio)

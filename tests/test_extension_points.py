@@ -20,6 +20,7 @@ import pytest
 
 from accountant import JobEvent
 from accountant.calibration import EventFactory, calibrate_event
+from accountant.validation import check_regime
 from dp_decoding.engines import (
     Batch,
     Describable,
@@ -39,7 +40,7 @@ from tests.fakes import FakeEngine, two_label_records
 
 # -- the toy mechanism: one module's worth -----------------------------------------------------
 def toy_event_factory(regime: str, steps: int, q: float | None) -> EventFactory:
-    return lambda eps0: JobEvent("exponential", regime, steps, epsilon0=eps0, q=q)  # type: ignore[arg-type]
+    return lambda eps0: JobEvent("exponential", check_regime(regime), steps, epsilon0=eps0, q=q)
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,7 @@ def test_at_most_c_private_selections_and_one_decision_per_position(
         gate_threshold=threshold,
     )
     rng = CountingRng(5)
-    gen = DemoGenerator(FakeEngine(), plan, generic_task(["A", "B"]), rng=rng)  # type: ignore[arg-type]
+    gen = DemoGenerator(FakeEngine(), plan, generic_task(["A", "B"]), rng=rng)  # type: ignore[arg-type]  # CountingRng duck-types the noise source
     selections: list[int] = []
     mechanism = gen.mechanism
 
@@ -207,7 +207,7 @@ def test_private_rows_stop_once_every_gate_of_the_wave_is_spent() -> None:
             return False
 
     engine = FakeEngine()
-    gen = NeverStops(engine, plan, generic_task(["A"]), rng=CountingRng(5))  # type: ignore[arg-type]
+    gen = NeverStops(engine, plan, generic_task(["A"]), rng=CountingRng(5))  # type: ignore[arg-type]  # CountingRng duck-types the noise source
     (demo,) = gen.run(two_label_records(10))
     private = [b for b in engine.batches if b.rows == plan.M]
     public = [b for b in engine.batches if b.rows == 1]
@@ -229,7 +229,7 @@ def test_a_threshold_no_vote_can_pass_releases_only_public_tokens() -> None:
         gate_cutoff=3,
         gate_threshold=1.0,
     )
-    gen = DemoGenerator(FakeEngine(), plan, generic_task(["A"]), rng=CountingRng(5))  # type: ignore[arg-type]
+    gen = DemoGenerator(FakeEngine(), plan, generic_task(["A"]), rng=CountingRng(5))  # type: ignore[arg-type]  # CountingRng duck-types the noise source
     calls: list[int] = []
 
     def select(*a: Any, **k: Any) -> int:

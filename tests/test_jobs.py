@@ -38,7 +38,9 @@ def _admit_and_run(tmp_path: Path, rows: list[dict], privacy_unit: str, delete: 
     runner.submit(tenant.id, job.id, plan)
     runner.stop()  # the queue is FIFO: the job has run when stop returns
     done = store.get_job(tenant.id, job.id)
-    charges = store.budget(tenant.id)["charges"]  # type: ignore[index]
+    report = store.budget(tenant.id)
+    assert report is not None
+    charges = report["charges"]
     store.close()
     return done, charges, engine
 

@@ -219,7 +219,8 @@ def test_postgresql_store_basics_and_tamper_detection(pg_schema: str) -> None:
     )  # fmt: skip
     assert created and not created_again and again.id == job.id
     assert store.get_job(b.id, job.id) is None
-    assert store.budget(a.id)["epsilon_spent"] > 0  # type: ignore[index]
+    report = store.budget(a.id)
+    assert report is not None and report["epsilon_spent"] > 0
     assert store.verify_ledger()["ok"]
 
     with psycopg.connect(PG_URL, autocommit=True) as conn:

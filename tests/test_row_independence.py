@@ -167,7 +167,7 @@ def test_vllm_in_engine_aggregation_rows_are_independent_of_other_rows(
             job_key=b"neighbour-check-key-0123456789ab",
             in_engine=True,
         )
-        gen.mechanism = _Scripted(vengine.tokenize(SCRIPT_TEXT))  # type: ignore[assignment]
+        gen.mechanism = _Scripted(vengine.tokenize(SCRIPT_TEXT))  # type: ignore[assignment]  # a stand-in with select() only
         gen.run(records)
         assert gen.fallback_groups == 0
         runs.append(({(g, pos): lg for g, pos, lg in seen}, spy.groups))

@@ -221,8 +221,8 @@ def test_over_budget_raises_rate_limit_error_without_retry(server: dict[str, Any
     err = info.value
     assert err.status_code == 429
     assert err.response.headers["x-should-retry"] == "false"
-    assert err.body["type"] == "privacy_budget_exceeded"  # type: ignore[index]
-    assert "requested" in err.body["message"]  # type: ignore[index]
+    assert isinstance(err.body, dict) and err.body["type"] == "privacy_budget_exceeded"
+    assert "requested" in err.body["message"]
     assert _route_count(server, "/v1/private/demonstrations") == before + 1
 
 

@@ -139,10 +139,10 @@ def _run_prompts(records: list[Record], regime: str, sampler=None) -> list[list[
         engine, plan, generic_task(["A", "B"]), job_key=KEY, rng=np.random.default_rng(0)
     )
     if sampler is not None:
-        gen._poisson_sample = sampler  # type: ignore[method-assign]
+        gen._poisson_sample = sampler  # type: ignore[method-assign]  # a test double
     # force full-length demonstrations so both runs take the same number of steps
-    gen._is_stop = lambda token: False  # type: ignore[method-assign]
-    gen._select = lambda lp, cand, pub=None: 5  # type: ignore[method-assign]
+    gen._is_stop = lambda token: False  # type: ignore[method-assign]  # a test double
+    gen._select = lambda lp, cand, pub=None: 5  # type: ignore[method-assign]  # a test double
     gen.run(records)
     return [b for b in engine.started if len(b) > 2]  # private batches (public has 1 row/group)
 
@@ -238,8 +238,8 @@ def test_user_level_resampled_prompts_hold_their_own_label_only() -> None:
     )
     engine = FakeEngine()
     gen = DemoGenerator(engine, plan, generic_task(["A", "B"]), job_key=KEY)
-    gen._is_stop = lambda token: False  # type: ignore[method-assign]
-    gen._select = lambda lp, cand, pub=None: 5  # type: ignore[method-assign]
+    gen._is_stop = lambda token: False  # type: ignore[method-assign]  # a test double
+    gen._select = lambda lp, cand, pub=None: 5  # type: ignore[method-assign]  # a test double
     gen.run(both)
     beta, alpha = engine.tokenize(" beta text"), engine.tokenize(" alpha text")
 

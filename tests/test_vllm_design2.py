@@ -92,7 +92,7 @@ def _generator(engine, epsilon: float, in_engine: bool, T: int = 10):
         job_key=b"k" * 32,
         in_engine=in_engine,
     )
-    gen.mechanism = CountingMechanism(gen.mechanism)  # type: ignore[assignment]
+    gen.mechanism = CountingMechanism(gen.mechanism)  # type: ignore[assignment]  # a stand-in with select() only
     return gen
 
 

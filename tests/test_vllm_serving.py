@@ -22,7 +22,7 @@ import pytest
 
 from proxy.backends import backend_for
 from proxy.serving import StepLoopBackend
-from proxy.vllm_serving import PhaseLock, share_engine_lock
+from proxy.vllm_serving import PhaseLock, VLLMServing, share_engine_lock
 from tests.fakes import FakeEngine
 from tests.server_harness import Server, create_tenant
 
@@ -113,6 +113,7 @@ def test_private_steps_and_serving_never_share_a_forward_pass(vengine: Any) -> N
     engine = vengine
     core = engine.llm.llm_engine.engine_core.engine_core  # in-process EngineCore
     backend = backend_for(engine)
+    assert isinstance(backend, VLLMServing)
     steps: list[set[str]] = []
     schedule = core.scheduler.schedule
 
@@ -148,7 +149,7 @@ def test_private_steps_and_serving_never_share_a_forward_pass(vengine: Any) -> N
         job.join(timeout=120)
     finally:
         core.scheduler.schedule = schedule
-        backend.close()  # type: ignore[attr-defined]
+        backend.close()
     assert done == [1] and all(0 < n <= 12 for n in tokens)
     kinds: list[str] = []
     for ids in steps:
