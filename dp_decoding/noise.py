@@ -41,7 +41,7 @@ def _words(n: int) -> np.ndarray:
 def _count(size: Any) -> tuple[int, tuple[int, ...] | None]:
     if size is None:
         return 1, None
-    # Tested apart: used directly, np.isscalar's TypeGuard narrows ``size`` to numpy's scalar
+    # Not tested inline: as a condition, np.isscalar's TypeGuard narrows ``size`` to numpy's scalar
     # union (str and bytes included), which ``int()`` is not typed to take.
     scalar = np.isscalar(size)
     shape = (int(size),) if scalar else tuple(int(d) for d in size)
