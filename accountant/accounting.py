@@ -120,7 +120,9 @@ def rdp_curve(event: JobEvent, orders: Sequence[float] = DEFAULT_ORDERS) -> np.n
     return np.array(_rdp_curve(event, _check_orders(orders)), dtype=np.float64)
 
 
-def epsilon_from_rdp(curve: Sequence[float], orders: Sequence[float], delta: float) -> float:
+def epsilon_from_rdp(
+    curve: np.ndarray | Sequence[float], orders: Sequence[float], delta: float
+) -> float:
     """Convert an (accumulated) RDP curve into ε at δ.
 
     Uses ``dp_accounting.rdp.compute_epsilon``, the conversion ``RdpAccountant.get_epsilon``

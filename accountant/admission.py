@@ -48,7 +48,7 @@ def charge_curve(event: JobEvent) -> np.ndarray:
     return rdp_curve(event, DEFAULT_ORDERS)
 
 
-def charge_at(curve: Sequence[float], order: float) -> float:
+def charge_at(curve: np.ndarray | Sequence[float], order: float) -> float:
     """The charge of ``curve`` at one filter's ``order`` (an order of DEFAULT_ORDERS)."""
     return curve_value(curve, DEFAULT_ORDERS, order)
 
@@ -65,12 +65,14 @@ class Filter:
     def order(self) -> float:
         return self.budget.order
 
-    def admits(self, curve: Sequence[float]) -> bool:
+    def admits(self, curve: np.ndarray | Sequence[float]) -> bool:
         """Whether spent + this curve's charge at the filter's order ≤ B (exactly)."""
         return admits(self.budget, self.spent, charge_at(curve, self.order))
 
 
-def refusing_filter(filters: Sequence[Filter], curve: Sequence[float]) -> Filter | None:
+def refusing_filter(
+    filters: Sequence[Filter], curve: np.ndarray | Sequence[float]
+) -> Filter | None:
     """The first filter (in the given order) that refuses ``curve``; None if all admit it."""
     for f in filters:
         if not f.admits(curve):

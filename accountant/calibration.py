@@ -25,9 +25,9 @@ from .events import JobEvent
 from .gaussian_exact import gdp_mu
 from .validation import (
     MECHANISMS,
-    REGIMES,
     check_choice,
     check_delta,
+    check_regime,
     check_sampling_probability,
     check_steps,
 )
@@ -113,21 +113,23 @@ def calibrate(
     the parameter would leave [1e-8, 1e8].
     """
     check_choice("mechanism", mechanism, MECHANISMS)
-    check_choice("regime", regime, REGIMES)
+    checked_regime = check_regime(regime)
     count = check_steps(steps)
     target = _check_target(target_epsilon)
     delta = check_delta(delta)
-    q = check_sampling_probability(regime, q)
+    q = check_sampling_probability(checked_regime, q)
     if mechanism == "gaussian":
         return calibrate_event(
-            lambda sigma: JobEvent("gaussian", regime, count, noise_multiplier=sigma, q=q),  # type: ignore[arg-type]
+            lambda sigma: JobEvent("gaussian", checked_regime, count, noise_multiplier=sigma, q=q),
             target,
             delta,
             guess=lambda: gaussian_guess(count, target, delta, q),
             noise_grows=True,
         )
     return calibrate_event(
-        lambda eps0: JobEvent("exponential", regime, count, epsilon0=eps0, q=q, gated=gated),  # type: ignore[arg-type]
+        lambda eps0: JobEvent(
+            "exponential", checked_regime, count, epsilon0=eps0, q=q, gated=gated
+        ),
         target,
         delta,
         guess=lambda: exponential_guess(count * (5 if gated else 1), target, delta, q),

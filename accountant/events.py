@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import dp_accounting
 
@@ -19,14 +19,13 @@ from .amplification import amplified_epsilon
 from .validation import (
     MECHANISMS,
     REGIMES,
+    Mechanism,
+    Regime,
     check_choice,
     check_positive,
     check_sampling_probability,
     check_steps,
 )
-
-Mechanism = Literal["gaussian", "exponential"]
-Regime = Literal["fixed", "resampled"]
 
 _FIELDS: tuple[str, ...] = (
     "mechanism",

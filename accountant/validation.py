@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, Literal
+
+Mechanism = Literal["gaussian", "exponential"]
+Regime = Literal["fixed", "resampled"]
 
 MECHANISMS: tuple[str, ...] = ("gaussian", "exponential")
 REGIMES: tuple[str, ...] = ("fixed", "resampled")
@@ -19,6 +22,12 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
     return value
+
+
+def check_regime(value: Any) -> Regime:
+    """Return ``value`` as a :data:`Regime` if it is one (``check_choice`` for the regime)."""
+    check_choice("regime", value, REGIMES)
+    return "fixed" if value == "fixed" else "resampled"
 
 
 def check_steps(steps: Any) -> int:

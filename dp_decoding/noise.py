@@ -25,7 +25,7 @@ import functools
 import math
 import os
 import secrets
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -41,7 +41,10 @@ def _words(n: int) -> np.ndarray:
 def _count(size: Any) -> tuple[int, tuple[int, ...] | None]:
     if size is None:
         return 1, None
-    shape = (int(size),) if np.isscalar(size) else tuple(int(d) for d in size)
+    # Not tested inline: as a condition, np.isscalar's TypeGuard narrows ``size`` to numpy's scalar
+    # union (str and bytes included), which ``int()`` is not typed to take.
+    scalar = np.isscalar(size)
+    shape = (int(size),) if scalar else tuple(int(d) for d in size)
     return math.prod(shape), shape
 
 
@@ -121,6 +124,11 @@ def _opendp_noisy_max() -> Any:
     dp = _opendp()
     space = dp.vector_domain(dp.atom_domain(T=float, nan=False)), dp.linf_distance(T=float)
     return dp.m.make_noisy_max(*space, dp.zero_concentrated_divergence(), scale=1.0)
+
+
+NoiseSource: TypeAlias = np.random.Generator | SecureRandom
+"""What a mechanism draws its noise from: the OS CSPRNG in service, a seeded numpy Generator in
+tests."""
 
 
 def os_entropy_rng() -> SecureRandom:

@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 class DataError(ValueError):
@@ -69,12 +70,12 @@ def parse_jsonl_lines(
         yield Record(text=text.strip(), label=label.strip(), unit=record_unit(text, label, user_s))
 
 
-def load_jsonl(path: str | Path, **kwargs: object) -> list[Record]:
+def load_jsonl(path: str | Path, **kwargs: Any) -> list[Record]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
     try:
         with p.open(encoding="utf-8") as fh:
-            return list(parse_jsonl_lines(fh, **kwargs))  # type: ignore[arg-type]
+            return list(parse_jsonl_lines(fh, **kwargs))
     except UnicodeDecodeError:
         raise DataError(f"{p}: not UTF-8 text") from None

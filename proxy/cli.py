@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily below: `dpicl --help` does not load the store
+    from proxy.store import Store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -96,7 +100,7 @@ def _db_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _open_store(url: str):  # type: ignore[no-untyped-def]
+def _open_store(url: str) -> Store:
     from proxy.store import StorageError, Store
 
     try:

@@ -170,15 +170,15 @@ class Database:
         import psycopg
         from psycopg.rows import dict_row
 
-        conn = psycopg.connect(self.parsed.target, autocommit=True, row_factory=dict_row)
+        pg = psycopg.connect(self.parsed.target, autocommit=True, row_factory=dict_row)
         try:
             schema = self.parsed.schema
             if schema is not None:  # created (once, under a lock) by create_schema
-                conn.execute(f'SET search_path TO "{schema}"')
+                pg.execute(f'SET search_path TO "{schema}"')
         except BaseException:
-            conn.close()
+            pg.close()
             raise
-        return conn
+        return pg
 
     def _connection(self) -> Any:
         if self._closed:

@@ -19,7 +19,7 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine():  # type: ignore[no-untyped-def]
+def engine():
     """The real embedded engine (SmolLM2-135M-Instruct), loaded once per test session."""
     from dp_decoding.engines.embedded import EmbeddedEngine
 
@@ -27,7 +27,7 @@ def engine():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def vengine():  # type: ignore[no-untyped-def]
+def vengine():
     """The real vLLM engine (in-process ``vllm.LLM``), loaded once per test session: vLLM keeps
     process-wide state, so every vLLM test module shares this one instance."""
     from dp_decoding.engines import load_engine
@@ -35,7 +35,7 @@ def vengine():  # type: ignore[no-untyped-def]
     return load_engine("vllm")
 
 
-def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+def pytest_collection_modifyitems(config, items):
     """Run the vLLM tests last: in-process vLLM pins this process's torch threads (and
     replaces ``torch.set_num_threads``), which would slow every later embedded-engine test."""
     items.sort(key=lambda item: item.get_closest_marker("vllm") is not None)

@@ -34,10 +34,10 @@ class CountingRng:
         self.inner = np.random.default_rng(seed)
         self.draws: Counter[str] = Counter()
 
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+    def __getattr__(self, name: str):
         method = getattr(self.inner, name)
 
-        def counted(*a, **k):  # type: ignore[no-untyped-def]
+        def counted(*a, **k):
             self.draws[name] += 1
             return method(*a, **k)
 

@@ -49,7 +49,7 @@ class Server:
     log_level: str = "info"
     engine: str = "embedded"
     port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None  # type: ignore[type-arg]
+    proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import dp_accounting
 import numpy as np
@@ -279,7 +280,7 @@ def test_rdp_curves_add_up():
         JobEvent("gaussian", "fixed", 40, noise_multiplier=20.0),
         JobEvent("exponential", "fixed", 60, epsilon0=0.2),
     ]
-    total = sum(rdp_curve(job) for job in jobs)
+    total = sum((rdp_curve(job) for job in jobs), np.zeros(len(DEFAULT_ORDERS)))
     acc = rdp.RdpAccountant(orders=list(DEFAULT_ORDERS), neighboring_relation=ADD_REMOVE)
     for job in jobs:
         acc.compose(job.dp_event())
@@ -353,7 +354,9 @@ def test_job_event_validation(kwargs):
 
 
 def test_job_event_normalises_numbers():
-    a = JobEvent("gaussian", "resampled", np.int64(5), noise_multiplier=np.float64(2), q=1)
+    # A numpy integer on purpose (the point of the test): JobEvent normalises it to int.
+    steps: Any = np.int64(5)
+    a = JobEvent("gaussian", "resampled", steps, noise_multiplier=np.float64(2), q=1)
     b = JobEvent("gaussian", "resampled", 5, noise_multiplier=2.0, q=1.0)
     assert a == b and hash(a) == hash(b)
     assert type(a.steps) is int and type(a.noise_multiplier) is float and type(a.q) is float
@@ -408,7 +411,7 @@ def test_job_event_from_dict_rejects_unknown_and_missing_keys():
     with pytest.raises(ValueError):
         JobEvent.from_dict({k: v for k, v in good.items() if k != "steps"})
     with pytest.raises(ValueError):
-        JobEvent.from_dict([("mechanism", "gaussian")])  # type: ignore[arg-type]
+        JobEvent.from_dict([("mechanism", "gaussian")])  # type: ignore[arg-type]  # not a dict, on purpose
     assert JobEvent.from_dict(
         {"mechanism": "gaussian", "regime": "fixed", "steps": 3, "noise_multiplier": 1.0}
     ) == JobEvent.from_dict(good)

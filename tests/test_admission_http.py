@@ -9,6 +9,7 @@ import math
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from tests.server_harness import Server, create_tenant
 
 pytestmark = pytest.mark.model
 
-JOB = {"epsilon": 1.0, "max_tokens": 2, "prompts": 2, "labels": ["a", "b"]}
+JOB: dict[str, Any] = {"epsilon": 1.0, "max_tokens": 2, "prompts": 2, "labels": ["a", "b"]}
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -43,7 +44,9 @@ def _tenant_with_room_for_k(db: str) -> tuple[str, int]:
     try:
         for eps in (3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 2.5):
             key = create_tenant(db, f"conc-{eps}-{secrets.token_hex(3)}", eps)
-            tenant = store.get_tenant(store.authenticate(key).tenant_id)  # type: ignore[union-attr]
+            api_key = store.authenticate(key)
+            assert api_key is not None
+            tenant = store.get_tenant(api_key.tenant_id)
             assert tenant is not None
             ratio = tenant.rdp_budget / _job_charge(tenant.order, tenant.delta)
             k = math.floor(ratio)

@@ -158,7 +158,7 @@ def test_step_loop_calls_fit_one_scheduler_step() -> None:
         def step_capacity(self) -> tuple[int, int]:
             return 5, 100
 
-        def _step_once(self, rows, salts, candidates):  # type: ignore[no-untyped-def]
+        def _step_once(self, rows, salts, candidates):
             calls.append(len(rows))
             return np.full((len(rows), 2), float(len(calls))), [0] * len(rows)
 

@@ -50,7 +50,7 @@ def test_storage_failure_during_admission_is_503_and_nothing_runs(tmp_path: Path
         async with _client(app) as c:
             h = {"Authorization": f"Bearer {key}"}
             ds = await _upload(c, h)
-            store.admit_job = broken_admit  # type: ignore[method-assign]
+            store.admit_job = broken_admit  # type: ignore[method-assign]  # a test double
             return await c.post(
                 "/v1/private/demonstrations",
                 headers=h,

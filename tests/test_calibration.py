@@ -10,9 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from accountant import JobEvent, calibrate, epsilon
+from accountant.validation import Mechanism, Regime
 
 
-def eps_of(mechanism: str, regime: str, steps: int, value: float, delta: float, q) -> float:
+def eps_of(
+    mechanism: Mechanism, regime: Regime, steps: int, value: float, delta: float, q
+) -> float:
     if mechanism == "gaussian":
         event = JobEvent(mechanism, regime, steps, noise_multiplier=value, q=q)
     else:

@@ -20,7 +20,7 @@ def tv(a: np.ndarray, b: np.ndarray) -> float:
     )
 
 
-def test_left_padding_does_not_change_rows(engine) -> None:  # type: ignore[no-untyped-def]
+def test_left_padding_does_not_change_rows(engine) -> None:
     a = engine.tokenize("News Type: World\nText: The president said on Monday that")
     b = engine.tokenize("Hello")
     both = engine.start([a, b]).logprobs()
@@ -32,7 +32,7 @@ def test_left_padding_does_not_change_rows(engine) -> None:  # type: ignore[no-u
     assert both[1].argmax() == alone_b.argmax()
 
 
-def test_kv_cache_step_matches_reprefill(engine) -> None:  # type: ignore[no-untyped-def]
+def test_kv_cache_step_matches_reprefill(engine) -> None:
     prompts = [engine.tokenize("The capital of France is"), engine.tokenize("1, 2, 3, 4,")]
     batch = engine.start(prompts)
     for _ in range(3):
@@ -46,7 +46,7 @@ def test_kv_cache_step_matches_reprefill(engine) -> None:  # type: ignore[no-unt
     assert batch.kv_bytes() > 0
 
 
-def test_candidate_columns_and_normalisation(engine) -> None:  # type: ignore[no-untyped-def]
+def test_candidate_columns_and_normalisation(engine) -> None:
     batch = engine.start([engine.tokenize("Once upon a time")])
     full = batch.logprobs()
     cand = [5, 17, 300]
@@ -54,7 +54,7 @@ def test_candidate_columns_and_normalisation(engine) -> None:  # type: ignore[no
     assert np.isclose(np.exp(full.astype(np.float64)).sum(), 1.0, atol=1e-3)
 
 
-def test_bad_batches_are_refused(engine) -> None:  # type: ignore[no-untyped-def]
+def test_bad_batches_are_refused(engine) -> None:
     with pytest.raises(ValueError):
         engine.start([])
     with pytest.raises(ValueError):

@@ -20,6 +20,7 @@ import pytest
 
 from accountant import JobEvent
 from accountant.calibration import EventFactory, calibrate_event
+from accountant.validation import check_regime
 from dp_decoding.engines import (
     Batch,
     Describable,
@@ -39,7 +40,7 @@ from tests.fakes import FakeEngine, two_label_records
 
 # -- the toy mechanism: one module's worth -----------------------------------------------------
 def toy_event_factory(regime: str, steps: int, q: float | None) -> EventFactory:
-    return lambda eps0: JobEvent("exponential", regime, steps, epsilon0=eps0, q=q)  # type: ignore[arg-type]
+    return lambda eps0: JobEvent("exponential", check_regime(regime), steps, epsilon0=eps0, q=q)
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def test_a_registered_mechanism_runs_a_plan_end_to_end(toy_mechanism: MechanismS
     assert isinstance(plan.mechanism_obj(), ToyNoisyMax)
 
     engine = FakeEngine()
-    gen = DemoGenerator(engine, plan, generic_task(["A", "B"]), rng=np.random.default_rng(1))  # type: ignore[arg-type]
+    gen = DemoGenerator(engine, plan, generic_task(["A", "B"]), rng=np.random.default_rng(1))
     demos = gen.run(two_label_records(20))
     assert [d.label for d in demos] == ["A", "A", "B", "B"]
     # every released position (kept tokens, and the stop that ended a demonstration) was the

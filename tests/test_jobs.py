@@ -14,7 +14,7 @@ from tests.fakes import FakeEngine
 ROWS = [{"text": f"private {i}", "label": "ab"[i % 2], "user": f"u{i}"} for i in range(6)]
 
 
-def _admit_and_run(tmp_path: Path, rows: list[dict], privacy_unit: str, delete: bool):  # type: ignore[no-untyped-def]
+def _admit_and_run(tmp_path: Path, rows: list[dict], privacy_unit: str, delete: bool):
     store = Store(f"sqlite:///{tmp_path / 'j.db'}")
     tenant, _ = store.create_tenant("t", 8.0, 1e-6)
     ds = store.create_dataset(tenant.id, "d", rows)
@@ -34,11 +34,13 @@ def _admit_and_run(tmp_path: Path, rows: list[dict], privacy_unit: str, delete: 
     if delete:
         assert store.delete_dataset(tenant.id, ds.id)
     engine = FakeEngine()
-    runner = JobRunner(store, engine)  # type: ignore[arg-type]
+    runner = JobRunner(store, engine)
     runner.submit(tenant.id, job.id, plan)
     runner.stop()  # the queue is FIFO: the job has run when stop returns
     done = store.get_job(tenant.id, job.id)
-    charges = store.budget(tenant.id)["charges"]  # type: ignore[index]
+    report = store.budget(tenant.id)
+    assert report is not None
+    charges = report["charges"]
     store.close()
     return done, charges, engine
 

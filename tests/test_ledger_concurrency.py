@@ -171,7 +171,7 @@ def test_sqlite_processes_admit_exactly_k(tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def pg_schema():  # type: ignore[no-untyped-def]
+def pg_schema():
     """A fresh schema per test, dropped afterwards; skip when PostgreSQL is unreachable."""
     psycopg = pytest.importorskip("psycopg")
     try:
@@ -219,7 +219,8 @@ def test_postgresql_store_basics_and_tamper_detection(pg_schema: str) -> None:
     )  # fmt: skip
     assert created and not created_again and again.id == job.id
     assert store.get_job(b.id, job.id) is None
-    assert store.budget(a.id)["epsilon_spent"] > 0  # type: ignore[index]
+    report = store.budget(a.id)
+    assert report is not None and report["epsilon_spent"] > 0
     assert store.verify_ledger()["ok"]
 
     with psycopg.connect(PG_URL, autocommit=True) as conn:

@@ -109,10 +109,12 @@ def test_public_prior_is_declared_for_exponential_public_topk_only() -> None:
     from dp_decoding.plan import PlanError
 
     plan = make_plan(labels=["A"], mechanism="exponential", public_prior=1.0)
-    assert plan.mechanism_obj().prior_weight == 1.0 and plan.to_dict()["public_prior"] == 1.0
+    mechanism = plan.mechanism_obj()
+    assert isinstance(mechanism, ExponentialMechanism) and mechanism.prior_weight == 1.0
+    assert plan.to_dict()["public_prior"] == 1.0
     for bad in ({"mechanism": "gaussian"}, {"mechanism": "exponential", "candidates": "all"}):
         with pytest.raises(PlanError):
-            make_plan(labels=["A"], public_prior=1.0, **bad)  # type: ignore[arg-type]
+            make_plan(labels=["A"], public_prior=1.0, **bad)  # type: ignore[arg-type]  # refused on purpose
     with pytest.raises(PlanError):
         make_plan(labels=["A"], mechanism="exponential", public_prior=-1.0)
 
@@ -168,7 +170,7 @@ def test_exactly_one_noisy_draw_per_position(mechanism: str, regime: str) -> Non
     )
     records = two_label_records(20)
     rng = CountingRng()
-    gen = DemoGenerator(FakeEngine(), plan, generic_task(["A", "B"]), rng=rng)  # type: ignore[arg-type]
+    gen = DemoGenerator(FakeEngine(), plan, generic_task(["A", "B"]), rng=rng)  # type: ignore[arg-type]  # CountingRng duck-types the noise source
     demos = gen.run(records)
     # every released position (a kept token, or the stop token that ended a demonstration)
     # took exactly one draw

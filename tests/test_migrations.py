@@ -181,7 +181,7 @@ def test_database_from_a_newer_release_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def pg_schema():  # type: ignore[no-untyped-def]
+def pg_schema():
     """A fresh schema per test, dropped afterwards; skip when PostgreSQL is unreachable."""
     psycopg = pytest.importorskip("psycopg")
     try:

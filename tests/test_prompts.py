@@ -109,9 +109,9 @@ def test_reference_wording() -> None:
 def test_task_format_is_immutable_and_hashable() -> None:
     ag = TASKS["agnews"]
     with pytest.raises(AttributeError):
-        ag.name = "x"  # type: ignore[misc]
+        ag.name = "x"  # type: ignore[misc]  # writing a frozen field on purpose
     with pytest.raises(TypeError):
-        ag.label_words["World"] = "x"  # type: ignore[index]
+        ag.label_words["World"] = "x"  # type: ignore[index]  # a read-only mapping, on purpose
     assert hash(ag) == hash(get_task("agnews"))
 
 
@@ -223,7 +223,7 @@ def test_generation_prompt_rejects_mixed_labels_and_bare_extraction_texts() -> N
     with pytest.raises(ValueError):
         generation_prompt(TASKS["agnews"], "Nope", [])
     with pytest.raises(ValueError):
-        generation_prompt(TASKS["agnews"], "World", "one string")  # type: ignore[arg-type]
+        generation_prompt(TASKS["agnews"], "World", "one string")
 
 
 @pytest.mark.parametrize("name", list(TASKS))

@@ -26,7 +26,7 @@ from tests.fakes import FakeEngine
 
 
 @pytest.fixture(scope="module")
-def tokenize():  # type: ignore[no-untyped-def]
+def tokenize():
     from transformers import AutoTokenizer
 
     from dp_decoding.engines.model_files import ensure_model_dir
@@ -36,13 +36,13 @@ def tokenize():  # type: ignore[no-untyped-def]
 
 
 TEXT = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=600
+    alphabet=st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=600
 ).filter(lambda t: t.strip() != "")
 
 
 @settings(max_examples=60, deadline=None)
 @given(texts=st.lists(TEXT, min_size=0, max_size=4), n=st.integers(1, 4))
-def test_private_rows_never_exceed_the_declared_width(tokenize, texts: list[str], n: int) -> None:  # type: ignore[no-untyped-def]
+def test_private_rows_never_exceed_the_declared_width(tokenize, texts: list[str], n: int) -> None:
     task = get_task("agnews")
     b = RowBuilder(tokenize, task, task.labels, 24)
     for label in task.labels:
@@ -51,13 +51,13 @@ def test_private_rows_never_exceed_the_declared_width(tokenize, texts: list[str]
 
 @settings(max_examples=30, deadline=None)
 @given(pairs=st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3))
-def test_extraction_rows_cut_the_private_span_too(tokenize, pairs: list[tuple[str, str]]) -> None:  # type: ignore[no-untyped-def]
+def test_extraction_rows_cut_the_private_span_too(tokenize, pairs: list[tuple[str, str]]) -> None:
     task = get_task("mit-g")
     b = RowBuilder(tokenize, task, ["comedy"], 16)
     assert len(b.private_row("comedy", pairs)) <= b.width(len(pairs))
 
 
-def test_short_texts_give_the_text_level_prompt(tokenize) -> None:  # type: ignore[no-untyped-def]
+def test_short_texts_give_the_text_level_prompt(tokenize) -> None:
     task = get_task("agnews")
     texts = ["Stocks rose on Monday.", "The team won again, 3-1."]
     b = RowBuilder(tokenize, task, task.labels, 96)
@@ -65,7 +65,7 @@ def test_short_texts_give_the_text_level_prompt(tokenize) -> None:  # type: igno
     assert b.public_row("World") == tokenize(generation_prompt(task, "World", []))
 
 
-def test_context_check(tokenize) -> None:  # type: ignore[no-untyped-def]
+def test_context_check(tokenize) -> None:
     plan = make_plan(labels=["World"], epsilon=4.0, examples_per_prompt=8, task="agnews")
     need = check_context(plan, get_task("agnews"), tokenize, 8192)
     assert need == RowBuilder(tokenize, get_task("agnews"), ["World"], 96).width(8) + 64

@@ -147,8 +147,9 @@ def test_completions_plain_stream_and_logprobs(server: dict[str, Any]) -> None:
     r = c.completions.create(
         model=BASE, prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=2
     )
-    assert r.object == "text_completion" and r.choices[0].logprobs is not None
-    assert len(r.choices[0].logprobs.tokens) == r.usage.completion_tokens
+    lp = r.choices[0].logprobs
+    assert r.object == "text_completion" and lp is not None and lp.tokens is not None
+    assert r.usage is not None and len(lp.tokens) == r.usage.completion_tokens
     streamed = "".join(
         ch.choices[0].text
         for ch in c.completions.create(
@@ -220,8 +221,8 @@ def test_over_budget_raises_rate_limit_error_without_retry(server: dict[str, Any
     err = info.value
     assert err.status_code == 429
     assert err.response.headers["x-should-retry"] == "false"
-    assert err.body["type"] == "privacy_budget_exceeded"  # type: ignore[index]
-    assert "requested" in err.body["message"]  # type: ignore[index]
+    assert isinstance(err.body, dict) and err.body["type"] == "privacy_budget_exceeded"
+    assert "requested" in err.body["message"]
     assert _route_count(server, "/v1/private/demonstrations") == before + 1
 
 
@@ -253,7 +254,8 @@ def test_bad_bodies_get_400(server: dict[str, Any], kwargs: dict) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client(server).chat.completions.create(model=BASE, **kwargs)
     assert info.value.status_code == 400
-    assert set(info.value.body) >= {"message", "type", "param", "code"}  # type: ignore[arg-type]
+    assert isinstance(info.value.body, dict)
+    assert set(info.value.body) >= {"message", "type", "param", "code"}
 
 
 def test_malformed_json_and_unknown_model(server: dict[str, Any]) -> None:

@@ -122,7 +122,7 @@ def test_slot_is_keyed_and_independent_of_order() -> None:
 # --- through the real generation loop -------------------------------------------------------
 
 
-def _run_prompts(records: list[Record], regime: str, sampler=None) -> list[list[list[int]]]:  # type: ignore[no-untyped-def]
+def _run_prompts(records: list[Record], regime: str, sampler=None) -> list[list[list[int]]]:
     plan = make_plan(
         labels=["A", "B"],
         epsilon=8.0,
@@ -139,10 +139,10 @@ def _run_prompts(records: list[Record], regime: str, sampler=None) -> list[list[
         engine, plan, generic_task(["A", "B"]), job_key=KEY, rng=np.random.default_rng(0)
     )
     if sampler is not None:
-        gen._poisson_sample = sampler  # type: ignore[method-assign]
+        gen._poisson_sample = sampler  # type: ignore[method-assign]  # a test double
     # force full-length demonstrations so both runs take the same number of steps
-    gen._is_stop = lambda token: False  # type: ignore[method-assign]
-    gen._select = lambda lp, cand, pub=None: 5  # type: ignore[method-assign]
+    gen._is_stop = lambda token: False  # type: ignore[method-assign]  # a test double
+    gen._select = lambda lp, cand, pub=None: 5  # type: ignore[method-assign]  # a test double
     gen.run(records)
     return [b for b in engine.started if len(b) > 2]  # private batches (public has 1 row/group)
 
@@ -171,7 +171,7 @@ def test_fixed_regime_loop_neighbours_differ_in_at_most_one_prompt(
     assert all(d <= 1 for d in _prompt_diff(a, b))
 
 
-def _keyed_sampler(step_counter: list[int]):  # type: ignore[no-untyped-def]
+def _keyed_sampler(step_counter: list[int]):
     """A coupled Poisson sampler for the test: a unit's inclusion at call c depends only on
     (c, unit), so neighbouring pools share every other unit's coin."""
 
@@ -238,8 +238,8 @@ def test_user_level_resampled_prompts_hold_their_own_label_only() -> None:
     )
     engine = FakeEngine()
     gen = DemoGenerator(engine, plan, generic_task(["A", "B"]), job_key=KEY)
-    gen._is_stop = lambda token: False  # type: ignore[method-assign]
-    gen._select = lambda lp, cand, pub=None: 5  # type: ignore[method-assign]
+    gen._is_stop = lambda token: False  # type: ignore[method-assign]  # a test double
+    gen._select = lambda lp, cand, pub=None: 5  # type: ignore[method-assign]  # a test double
     gen.run(both)
     beta, alpha = engine.tokenize(" beta text"), engine.tokenize(" alpha text")
 

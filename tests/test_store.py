@@ -7,7 +7,9 @@ import json
 import math
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from accountant import DEFAULT_ORDERS, JobEvent, epsilon_from_rdp, rdp_curve
@@ -23,11 +25,18 @@ from proxy.store import (
 )
 
 SECRET = "TOPSECRET-patient-4711 has condition X"
-RECORDS = [
+RECORDS: list[dict[str, Any]] = [
     {"text": SECRET, "label": "b"},
     {"text": "another private note", "label": "a", "user": "u1"},
     {"text": "third", "label": "a", "user": 7},
 ]
+
+
+def budget_of(store: Store, tenant_id: str) -> dict[str, Any]:
+    """``store.budget`` of a tenant that exists (never None)."""
+    report = store.budget(tenant_id)
+    assert report is not None
+    return report
 
 
 def job_event(sigma: float = 20.0, steps: int = 64) -> JobEvent:
@@ -40,13 +49,13 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture()
-def store(db_path: Path):  # type: ignore[no-untyped-def]
+def store(db_path: Path):
     s = Store(f"sqlite:///{db_path}")
     yield s
     s.close()
 
 
-def admit(store: Store, tenant_id: str, name: str | None, **kw):  # type: ignore[no-untyped-def]
+def admit(store: Store, tenant_id: str, name: str | None, **kw):
     event = kw.pop("event", job_event())
     return store.admit_job(
         tenant_id,
@@ -121,7 +130,7 @@ def test_cross_tenant_isolation(store: Store) -> None:
     assert store.list_jobs(b.id) == []
     with pytest.raises(NotFound):  # b cannot run a job on a's dataset
         admit(store, b.id, "steal", dataset_id=ds.id)
-    assert store.budget(b.id)["charges"] == []  # type: ignore[index]
+    assert budget_of(store, b.id)["charges"] == []
 
     assert store.get_dataset(a.id, ds.id) == ds
     assert store.dataset_records(a.id, ds.id) == RECORDS
@@ -154,8 +163,9 @@ def test_migration_adds_and_fills_records_without_user(db_path: Path) -> None:
     conn.execute("DROP TABLE schema_version")  # written before the schema was versioned
     conn.close()
     s = Store(f"sqlite:///{db_path}")
-    assert s.get_dataset(t.id, mixed.id).records_without_user == 1  # type: ignore[union-attr]
-    assert s.get_dataset(t.id, users.id).records_without_user == 0  # type: ignore[union-attr]
+    old_mixed, old_users = s.get_dataset(t.id, mixed.id), s.get_dataset(t.id, users.id)
+    assert old_mixed is not None and old_mixed.records_without_user == 1
+    assert old_users is not None and old_users.records_without_user == 0
     s.close()
     s = Store(f"sqlite:///{db_path}")  # again: nothing to do
     assert s.get_dataset(t.id, mixed.id) == mixed
@@ -166,7 +176,7 @@ def test_dataset_validation_never_echoes_text(store: Store) -> None:
     t, _ = store.create_tenant("t", 8.0, 1e-6)
     for bad in ([{"text": SECRET}], [{"text": SECRET, "label": 3}], [SECRET], "x"):
         with pytest.raises(ValueError) as info:
-            store.create_dataset(t.id, "d", bad)  # type: ignore[arg-type]
+            store.create_dataset(t.id, "d", bad)  # type: ignore[arg-type]  # malformed on purpose
         assert "TOPSECRET" not in str(info.value)
     with pytest.raises(NotFound):
         store.create_dataset("ten_nope", "d", RECORDS)
@@ -205,11 +215,11 @@ def test_admission_charges_and_creates_a_queued_job(store: Store) -> None:
 def test_idempotency_returns_the_same_job_without_a_second_charge(store: Store) -> None:
     t, _ = store.create_tenant("t", 8.0, 1e-6)
     first, created = admit(store, t.id, "j", idempotency_key="abc")
-    spent = store.budget(t.id)["filter"]["rdp_spent"]  # type: ignore[index]
+    spent = budget_of(store, t.id)["filter"]["rdp_spent"]
     again, created_again = admit(store, t.id, "j", idempotency_key="abc")
     assert created and not created_again and again.id == first.id
     assert len(store.ledger_rows(t.id)) == 1
-    assert store.budget(t.id)["filter"]["rdp_spent"] == spent  # type: ignore[index]
+    assert budget_of(store, t.id)["filter"]["rdp_spent"] == spent
     # the same key in another tenant is another job
     u, _ = store.create_tenant("u", 8.0, 1e-6)
     other, created_other = admit(store, u.id, "j", idempotency_key="abc")
@@ -257,13 +267,14 @@ def test_fail_interrupted_jobs(store: Store) -> None:
     store.update_job(running.id, status="running")
     store.update_job(done.id, status="succeeded", demonstrations=[])
     assert store.fail_interrupted_jobs(stale_after=3600) == 0  # all recently updated
-    spent = store.budget(t.id)["filter"]["rdp_spent"]  # type: ignore[index]
+    spent = budget_of(store, t.id)["filter"]["rdp_spent"]
     assert store.fail_interrupted_jobs() == 2
     for job in (queued, running):
         got = store.get_job(t.id, job.id)
         assert got is not None and got.status == "failed" and got.error == INTERRUPTED_ERROR
-    assert store.get_job(t.id, done.id).status == "succeeded"  # type: ignore[union-attr]
-    assert store.budget(t.id)["filter"]["rdp_spent"] == spent  # type: ignore[index]
+    finished = store.get_job(t.id, done.id)
+    assert finished is not None and finished.status == "succeeded"
+    assert budget_of(store, t.id)["filter"]["rdp_spent"] == spent
     assert store.fail_interrupted_jobs() == 0
 
 
@@ -308,7 +319,7 @@ def test_budget_report(store: Store) -> None:
         "charges",
     }
     assert report["epsilon_limit"] == 8.0 and report["delta"] == 1e-6
-    total = sum(rdp_curve(e) for e in events)
+    total = sum((rdp_curve(e) for e in events), np.zeros(len(DEFAULT_ORDERS)))
     assert report["epsilon_spent"] == epsilon_from_rdp(total, DEFAULT_ORDERS, 1e-6)
     assert 0 < report["epsilon_spent"] <= 8.0
     assert report["epsilon_spent_pld"] == compose_pld_epsilon(events, 1e-6)

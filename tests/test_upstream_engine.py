@@ -166,7 +166,7 @@ def _keys(obj: Any) -> Iterator[str]:
 
 
 # -- unit tests -----------------------------------------------------------------------------------
-def test_tiktoken_loads_offline_from_bpe_openai(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_tiktoken_loads_offline_from_bpe_openai(monkeypatch, tmp_path: Path) -> None:
     import tiktoken
     import tiktoken.load
     import tiktoken.registry
@@ -200,7 +200,7 @@ def test_tiktoken_loads_offline_from_bpe_openai(monkeypatch, tmp_path: Path) -> 
     assert eng.tokenize("<|endoftext|>") != [199999]  # private text never becomes a special
 
 
-def test_one_request_per_step_with_all_rows_as_token_ids(cl100k) -> None:  # type: ignore[no-untyped-def]
+def test_one_request_per_step_with_all_rows_as_token_ids(cl100k) -> None:
     server = FakeServer(cl100k)
     eng = make_engine(server)
     prompts = [eng.tokenize(f"Row {i}: {SECRET}") for i in range(5)]
@@ -228,7 +228,7 @@ def test_one_request_per_step_with_all_rows_as_token_ids(cl100k) -> None:  # typ
         batch.logprobs(cand)
 
 
-def test_candidate_logprobs_come_back_in_the_callers_order(cl100k) -> None:  # type: ignore[no-untyped-def]
+def test_candidate_logprobs_come_back_in_the_callers_order(cl100k) -> None:
     server = FakeServer(cl100k)
     eng = make_engine(server)
     prompts = [eng.tokenize("First prompt"), eng.tokenize("Second, longer prompt here")]
@@ -248,7 +248,7 @@ def test_candidate_logprobs_come_back_in_the_callers_order(cl100k) -> None:  # t
 
 
 @pytest.mark.parametrize("flavour", ["vllm", "openai"])
-def test_logit_bias_probing_recovers_logprobs(cl100k, flavour: str) -> None:  # type: ignore[no-untyped-def]
+def test_logit_bias_probing_recovers_logprobs(cl100k, flavour: str) -> None:
     dead = (777,)
     server = FakeServer(cl100k, flavour=flavour, dead=dead)
     eng = make_engine(server, candidate_mode="logit_bias", top_logprobs=5)
@@ -282,7 +282,7 @@ def test_logit_bias_probing_recovers_logprobs(cl100k, flavour: str) -> None:  # 
         assert not any("logprob_token_ids" in r for r in server.requests)
 
 
-def test_probing_refuses_a_server_whose_logprobs_ignore_the_bias(cl100k) -> None:  # type: ignore[no-untyped-def]
+def test_probing_refuses_a_server_whose_logprobs_ignore_the_bias(cl100k) -> None:
     server = FakeServer(cl100k, bias_in_logprobs=False)
     eng = make_engine(server, candidate_mode="logit_bias")
     prompt = eng.tokenize(SECRET)
@@ -293,7 +293,7 @@ def test_probing_refuses_a_server_whose_logprobs_ignore_the_bias(cl100k) -> None
     assert all(r["prompt"] != [prompt] for r in server.requests)
 
 
-def test_full_vocabulary_needs_a_public_batch(cl100k) -> None:  # type: ignore[no-untyped-def]
+def test_full_vocabulary_needs_a_public_batch(cl100k) -> None:
     server = FakeServer(cl100k)
     eng = make_engine(server, public_top_k=8)
     private = eng.start([eng.tokenize(SECRET)])
@@ -310,7 +310,7 @@ def test_full_vocabulary_needs_a_public_batch(cl100k) -> None:  # type: ignore[n
     assert server.requests[-1]["logprobs"] == 8
 
 
-def test_no_seed_or_noise_in_requests_of_a_whole_plan(cl100k) -> None:  # type: ignore[no-untyped-def]
+def test_no_seed_or_noise_in_requests_of_a_whole_plan(cl100k) -> None:
     server = FakeServer(cl100k)
     eng = make_engine(server)
     task = get_task("agnews")
@@ -352,7 +352,7 @@ def test_no_seed_or_noise_in_requests_of_a_whole_plan(cl100k) -> None:  # type: 
             assert [row[: len(p)] for row, p in zip(r["prompt"], pub, strict=True)] == pub
 
 
-def test_full_vocabulary_plan_is_refused_with_a_clear_error(cl100k) -> None:  # type: ignore[no-untyped-def]
+def test_full_vocabulary_plan_is_refused_with_a_clear_error(cl100k) -> None:
     server = FakeServer(cl100k)
     eng = make_engine(server)
     plan = make_plan(labels=["World"], epsilon=8.0, max_tokens=2, prompts=2, candidates="all")
@@ -394,7 +394,7 @@ def _failing(response: httpx.Response | Exception) -> httpx.MockTransport:
     ],
     ids=["400", "500-text", "503-bad-type", "not-json", "no-logprobs", "connect", "timeout"],
 )
-def test_errors_are_clean_and_never_hold_prompt_text(cl100k, failure: Any) -> None:  # type: ignore[no-untyped-def]
+def test_errors_are_clean_and_never_hold_prompt_text(cl100k, failure: Any) -> None:
     eng = UpstreamEngine(
         "http://upstream.test/v1", "toy", tokenizer=cl100k, transport=_failing(failure)
     )
@@ -412,7 +412,7 @@ def test_errors_are_clean_and_never_hold_prompt_text(cl100k, failure: Any) -> No
         assert "HTTP 400 (type=BadRequestError, param=prompt, code=400)" in msg
 
 
-def test_load_engine_and_describe(cl100k) -> None:  # type: ignore[no-untyped-def]
+def test_load_engine_and_describe(cl100k) -> None:
     server = FakeServer(cl100k)
     seen: list[httpx.Request] = []
 
@@ -432,7 +432,7 @@ def test_load_engine_and_describe(cl100k) -> None:  # type: ignore[no-untyped-de
     assert eng.vocab_size == cl100k.n_vocab
     eng.start([eng.tokenize("hi")]).logprobs([1])
     assert seen[0].headers["authorization"] == "Bearer sk-test-123"
-    d = eng.describe()  # type: ignore[attr-defined]
+    d = eng.describe()
     assert d == {
         "engine": "upstream",
         "model": "toy",
@@ -484,7 +484,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory) -> Iterator[str]:  # type: ignore[no-untyped-def]
+def vllm_server(tmp_path_factory) -> Iterator[str]:
     """``vllm serve`` on the converted SmolLM2 directory, started once for this module.
 
     ``--logprobs-mode processed_logprobs`` makes the returned log-probabilities include
@@ -556,7 +556,7 @@ def upstream(url: str, requests: list[dict[str, Any]] | None = None, **kw: Any) 
 @pytest.mark.model
 @pytest.mark.vllm
 @needs_vllm
-def test_real_vllm_agrees_with_embedded_engine(vllm_server, engine) -> None:  # type: ignore[no-untyped-def]
+def test_real_vllm_agrees_with_embedded_engine(vllm_server, engine) -> None:
     """logprob_token_ids against the embedded engine (seen: ≤ 0.06 nats); logit-bias probing
     against the same server's logprob_token_ids renormalised over the candidates (seen: 1e-6;
     against the embedded engine the renormalisation adds up to 0.12 nats)."""
@@ -595,7 +595,7 @@ def test_real_vllm_agrees_with_embedded_engine(vllm_server, engine) -> None:  # 
 @pytest.mark.vllm
 @needs_vllm
 @pytest.mark.parametrize("candidates", ["list", "public-topk"])
-def test_real_vllm_runs_a_demo_generator_plan(vllm_server, candidates) -> None:  # type: ignore[no-untyped-def]
+def test_real_vllm_runs_a_demo_generator_plan(vllm_server, candidates) -> None:
     requests: list[dict[str, Any]] = []
     up = upstream(vllm_server, requests)
     task = get_task("agnews")

@@ -43,7 +43,7 @@ def tv(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 0.5 * np.abs(np.exp(a.astype(np.float64)) - np.exp(b.astype(np.float64))).sum(-1)
 
 
-def long_prompt(engine) -> list[int]:  # type: ignore[no-untyped-def]
+def long_prompt(engine) -> list[int]:
     """A prompt over 2 KV blocks (block size 128 on CPU), so prefix-cache hits are visible."""
     text = " ".join(f"Example {i}: the market rose and the team won." for i in range(30))
     ids = engine.tokenize(text)
@@ -51,7 +51,7 @@ def long_prompt(engine) -> list[int]:  # type: ignore[no-untyped-def]
     return ids
 
 
-def test_agrees_with_embedded_engine(vengine, engine) -> None:  # type: ignore[no-untyped-def]
+def test_agrees_with_embedded_engine(vengine, engine) -> None:
     ids = [engine.tokenize(p) for p in PROMPTS]
     assert ids == [vengine.tokenize(p) for p in PROMPTS]
     assert vengine.vocab_size == engine.vocab_size
@@ -66,7 +66,7 @@ def test_agrees_with_embedded_engine(vengine, engine) -> None:  # type: ignore[n
     np.testing.assert_allclose(np.exp(v.astype(np.float64)).sum(-1), 1.0, atol=1e-3)
 
 
-def test_candidate_ids_match_full_vocabulary(vengine) -> None:  # type: ignore[no-untyped-def]
+def test_candidate_ids_match_full_vocabulary(vengine) -> None:
     ids = [vengine.tokenize(p) for p in PROMPTS]
     full = vengine.start(ids).logprobs()
     cand = np.unique(np.concatenate([np.argsort(-full, axis=1)[:, :20].ravel(), [0, 2, 198]]))
@@ -80,13 +80,13 @@ def test_candidate_ids_match_full_vocabulary(vengine) -> None:  # type: ignore[n
     np.testing.assert_allclose(vengine.start(ids).logprobs(many), full[:, many], atol=1e-4)
 
 
-def test_steps_match_reprefill_and_one_call_per_step(vengine) -> None:  # type: ignore[no-untyped-def]
+def test_steps_match_reprefill_and_one_call_per_step(vengine) -> None:
     prompts = [vengine.tokenize(p) for p in PROMPTS[:2]]
     batch = vengine.start(prompts)
     calls = []
     inner = vengine.llm.generate
 
-    def counting(*a, **k):  # type: ignore[no-untyped-def]
+    def counting(*a, **k):
         calls.append(len(a[0]))
         return inner(*a, **k)
 
@@ -110,7 +110,7 @@ def test_steps_match_reprefill_and_one_call_per_step(vengine) -> None:  # type: 
         batch.logprobs()
 
 
-def test_prefix_cache_is_on_and_salted_per_row(vengine) -> None:  # type: ignore[no-untyped-def]
+def test_prefix_cache_is_on_and_salted_per_row(vengine) -> None:
     assert vengine.prefix_caching
     ids = long_prompt(vengine)
     a = vengine.start([ids, ids])
@@ -132,7 +132,7 @@ def test_prefix_cache_is_on_and_salted_per_row(vengine) -> None:  # type: ignore
     assert c.last_cached_tokens == [0]
 
 
-def test_bad_batches_are_refused(vengine) -> None:  # type: ignore[no-untyped-def]
+def test_bad_batches_are_refused(vengine) -> None:
     with pytest.raises(ValueError):
         vengine.start([])
     with pytest.raises(ValueError):
@@ -141,7 +141,7 @@ def test_bad_batches_are_refused(vengine) -> None:  # type: ignore[no-untyped-de
         vengine.start([[5], [6]]).append([1])
 
 
-def test_demo_generator_end_to_end(vengine, engine) -> None:  # type: ignore[no-untyped-def]
+def test_demo_generator_end_to_end(vengine, engine) -> None:
     from dp_decoding.generate import DemoGenerator
     from dp_decoding.plan import make_plan
     from dp_decoding.records import Record, record_unit
@@ -159,7 +159,7 @@ def test_demo_generator_end_to_end(vengine, engine) -> None:  # type: ignore[no-
     ]
     key = b"k" * 32
 
-    def run(eng):  # type: ignore[no-untyped-def]
+    def run(eng):
         gen = DemoGenerator(eng, plan, task, rng=np.random.default_rng(7), job_key=key)
         return gen.run(records)
 

@@ -22,7 +22,7 @@ import pytest
 
 from proxy.backends import backend_for
 from proxy.serving import StepLoopBackend
-from proxy.vllm_serving import PhaseLock, share_engine_lock
+from proxy.vllm_serving import PhaseLock, VLLMServing, share_engine_lock
 from tests.fakes import FakeEngine
 from tests.server_harness import Server, create_tenant
 
@@ -97,7 +97,7 @@ def test_share_engine_lock_swaps_the_engines_lock_once() -> None:
 
 
 def test_non_vllm_engines_keep_the_step_loop() -> None:
-    assert isinstance(backend_for(FakeEngine()), StepLoopBackend)  # type: ignore[arg-type]
+    assert isinstance(backend_for(FakeEngine()), StepLoopBackend)
 
 
 # -- in process: the phase separation on a real vLLM engine -------------------------------------
@@ -113,6 +113,7 @@ def test_private_steps_and_serving_never_share_a_forward_pass(vengine: Any) -> N
     engine = vengine
     core = engine.llm.llm_engine.engine_core.engine_core  # in-process EngineCore
     backend = backend_for(engine)
+    assert isinstance(backend, VLLMServing)
     steps: list[set[str]] = []
     schedule = core.scheduler.schedule
 
@@ -148,9 +149,9 @@ def test_private_steps_and_serving_never_share_a_forward_pass(vengine: Any) -> N
         job.join(timeout=120)
     finally:
         core.scheduler.schedule = schedule
-        backend.close()  # type: ignore[attr-defined]
+        backend.close()
     assert done == [1] and all(0 < n <= 12 for n in tokens)
-    kinds = []
+    kinds: list[str] = []
     for ids in steps:
         serving = {i.startswith("srv-") for i in ids}
         assert len(serving) == 1, f"a step mixed serving and private requests: {sorted(ids)}"
@@ -230,8 +231,12 @@ def test_completion_n2_stop_and_logprobs(server: dict[str, Any]) -> None:
     two = c.completions.create(model=BASE, prompt="Once", max_tokens=6, n=2, seed=1, logprobs=1)
     assert two.object == "text_completion"
     assert sorted(ch.index for ch in two.choices) == [0, 1]
-    assert all(len(ch.logprobs.tokens) <= 6 for ch in two.choices)
-    assert two.usage.completion_tokens == sum(len(ch.logprobs.tokens) for ch in two.choices)
+    lengths = []
+    for ch in two.choices:
+        assert ch.logprobs is not None and ch.logprobs.tokens is not None
+        lengths.append(len(ch.logprobs.tokens))
+    assert all(n <= 6 for n in lengths)
+    assert two.usage is not None and two.usage.completion_tokens == sum(lengths)
     again = c.completions.create(model=BASE, prompt="Once", max_tokens=6, n=2, seed=1)
     assert [ch.text for ch in again.choices] == [ch.text for ch in two.choices]
     stopped = c.completions.create(
@@ -261,7 +266,8 @@ def test_bad_input_is_an_openai_400(server: dict[str, Any]) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client(server).completions.create(model=BASE, prompt="word " * 5000, max_tokens=2)
     assert info.value.status_code == 400
-    assert set(info.value.body) >= {"message", "type", "param", "code"}  # type: ignore[arg-type]
+    assert isinstance(info.value.body, dict)
+    assert set(info.value.body) >= {"message", "type", "param", "code"}
     with pytest.raises(openai.BadRequestError):
         chat(server, "x", max_tokens=0)
 

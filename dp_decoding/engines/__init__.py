@@ -52,19 +52,19 @@ EngineFactory = Callable[..., Engine]
 def _embedded(**kwargs: Any) -> Engine:
     from dp_decoding.engines.embedded import EmbeddedEngine
 
-    return EmbeddedEngine(**kwargs)  # type: ignore[return-value]
+    return EmbeddedEngine(**kwargs)
 
 
 def _vllm(**kwargs: Any) -> Engine:
     from dp_decoding.engines.vllm_engine import VLLMEngine
 
-    return VLLMEngine(**kwargs)  # type: ignore[return-value]
+    return VLLMEngine(**kwargs)
 
 
 def _upstream(**kwargs: Any) -> Engine:
     from dp_decoding.engines.upstream import UpstreamEngine
 
-    return UpstreamEngine(**kwargs)  # type: ignore[return-value]
+    return UpstreamEngine(**kwargs)
 
 
 _BUILTIN: dict[str, EngineFactory] = {

@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from dp_decoding.engines.base import check_prompts
 from dp_decoding.engines.dtype import default_dtype
 from dp_decoding.engines.hf_tokenizer import HFTokenizerMixin
 from dp_decoding.engines.model_files import MODEL_NAME, ensure_model_dir
+
+if TYPE_CHECKING:  # torch is imported lazily, by the engine
+    from torch import Tensor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -83,14 +87,14 @@ class EmbeddedBatch:
         self._mask = mask
         self._positions = mask.sum(dim=1) - 1  # position of each row's last real token
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        self._cache = None
-        self._last_logits = self._forward(ids, mask, position_ids)
+        self._cache: Any = None  # the model's KV cache (a transformers Cache)
+        self._last_logits: Tensor | None = self._forward(ids, mask, position_ids)
 
     @property
     def rows(self) -> int:
         return int(self._mask.shape[0])
 
-    def _forward(self, ids, mask, position_ids):  # type: ignore[no-untyped-def]
+    def _forward(self, ids: Tensor, mask: Tensor, position_ids: Tensor) -> Tensor:
         torch = self._engine._torch
         with self._engine.lock, torch.inference_mode():
             out = self._engine.model(

@@ -74,7 +74,7 @@ def _convert(gguf: Path, target: Path) -> None:
     )
     # The weights are dequantised on load; drop the GGUF quantisation marker so the dense
     # model can be written as ordinary safetensors (vLLM loads this directory too).
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types the Auto result as _BaseModelWithGenerate, without hf_quantizer (so torch's Module.__getattr__: Tensor | Module)
     model.config.__dict__.pop("quantization_config", None)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:

@@ -66,7 +66,7 @@ import secrets
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import httpx
 import numpy as np
@@ -141,21 +141,21 @@ class UpstreamEngine:
         api_key = api_key or os.environ.get("DPICL_UPSTREAM_API_KEY")
         if tokenizer is None:
             tokenizer = os.environ.get("DPICL_UPSTREAM_TOKENIZER") or None
-        server = server or os.environ.get("DPICL_UPSTREAM_SERVER") or "vllm"  # type: ignore[assignment]
-        if server not in ("vllm", "openai"):
+        kind = server or os.environ.get("DPICL_UPSTREAM_SERVER") or "vllm"
+        if kind not in ("vllm", "openai"):
             raise ValueError("server must be 'vllm' or 'openai'")
-        mode = candidate_mode or ("logprob_token_ids" if server == "vllm" else "logit_bias")
+        mode = candidate_mode or ("logprob_token_ids" if kind == "vllm" else "logit_bias")
         if mode not in ("logprob_token_ids", "logit_bias"):
             raise ValueError("candidate_mode must be 'logprob_token_ids' or 'logit_bias'")
-        if mode == "logprob_token_ids" and server != "vllm":
+        if mode == "logprob_token_ids" and kind != "vllm":
             raise ValueError("candidate_mode='logprob_token_ids' is a vLLM extension")
         if not logit_bias > 0:
             raise ValueError("logit_bias must be positive")
 
-        self.server: ServerKind = server  # type: ignore[assignment]
-        self.candidate_mode: CandidateMode = mode  # type: ignore[assignment]
+        self.server = cast(ServerKind, kind)  # one of ServerKind's values, checked above
+        self.candidate_mode: CandidateMode = mode
         self.top_logprobs = int(
-            top_logprobs or (VLLM_TOP_LOGPROBS if server == "vllm" else OPENAI_TOP_LOGPROBS)
+            top_logprobs or (VLLM_TOP_LOGPROBS if kind == "vllm" else OPENAI_TOP_LOGPROBS)
         )
         self.public_top_k = int(public_top_k or self.top_logprobs)
         if self.top_logprobs < 2 and mode == "logit_bias":
@@ -411,7 +411,7 @@ class UpstreamBatch(ResubmittedRows):
     def logprobs(self, candidates: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """``[rows, K]`` log-probabilities of ``candidates`` (see the module docstring for
         the normalisation in each ``candidate_mode``); ``None`` only on a public batch."""
-        self._live_rows()
+        live = self._live_rows()
         eng = self._engine
         if candidates is None:
             if not self.public:
@@ -422,7 +422,7 @@ class UpstreamBatch(ResubmittedRows):
                     "start(..., public=True))"
                 )
             if None not in self._memo:
-                self._memo[None] = eng._public_topk(self._rows, self.cache_salt)
+                self._memo[None] = eng._public_topk(live, self.cache_salt)
             return self._memo[None]
         cand = np.asarray(candidates, dtype=np.int64).reshape(-1)
         if cand.size and (cand.min() < 0 or cand.max() >= eng.vocab_size):
@@ -433,7 +433,7 @@ class UpstreamBatch(ResubmittedRows):
                 self._memo[memo_key] = np.empty((self.rows, 0), dtype=np.float32)
             else:
                 uniq, inverse = np.unique(cand, return_inverse=True)
-                lp = eng._candidate_logprobs(self._rows, self.cache_salt, uniq.tolist())
+                lp = eng._candidate_logprobs(live, self.cache_salt, uniq.tolist())
                 self._memo[memo_key] = lp[:, inverse.reshape(-1)]
         return self._memo[memo_key]
 

@@ -166,7 +166,7 @@ def route_group(
     return out
 
 
-def _processor_class() -> type:
+def _processor_class() -> type[Any]:
     """The vLLM logits processor class (built lazily: its base class lives in vllm)."""
     import torch
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor

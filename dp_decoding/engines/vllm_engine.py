@@ -72,7 +72,7 @@ DEFAULT_MAX_MODEL_LEN = 4096
 """The context vLLM is started with (plans are checked against it before admission)."""
 
 
-def _capture_processor_class() -> type:
+def _capture_processor_class() -> type[Any]:
     """Build the logits processor class lazily (its base class lives in vllm)."""
     import torch
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
@@ -378,11 +378,11 @@ class VLLMBatch(ResubmittedRows):
         self.last_cached_tokens: list[int] = []  # prefix-cache hits of the last engine call
 
     def logprobs(self, candidates: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-        self._live_rows()
+        live = self._live_rows()
         cand = None if candidates is None else np.asarray(candidates, dtype=np.int64)
         if self._cached is not None:
             return self._cached if cand is None else self._cached[:, cand]
-        lp, self.last_cached_tokens = self._engine._step(self._rows, self.cache_salts, cand)
+        lp, self.last_cached_tokens = self._engine._step(live, self.cache_salts, cand)
         if cand is None:
             self._cached = lp
         return lp

@@ -41,7 +41,7 @@ from dp_decoding.generation.groups import (
 from dp_decoding.generation.in_engine import InEngineStrategy
 from dp_decoding.generation.resampled import ResampledStrategy
 from dp_decoding.mechanisms import Mechanism, aggregate
-from dp_decoding.noise import new_job_key, os_entropy_rng
+from dp_decoding.noise import NoiseSource, new_job_key, os_entropy_rng
 from dp_decoding.plan import Plan
 from dp_decoding.records import Record
 from dp_decoding.rows import RowBuilder
@@ -64,7 +64,7 @@ class DemoGenerator:
         plan: Plan,
         task: TaskFormat,
         *,
-        rng: np.random.Generator | None = None,
+        rng: NoiseSource | None = None,
         job_key: bytes | None = None,
         max_rows: int = 128,
         progress: ProgressCallback | None = None,
@@ -229,9 +229,10 @@ class DemoGenerator:
         if batch is None:
             return None, cands, [None] * len(wave)
         live = [c for g, c in zip(wave, cands, strict=True) if not g.done]
-        if not live or any(c is None for c in live):
+        arrays = [c for c in live if c is not None]
+        if not arrays or len(arrays) < len(live):  # no live group, or one without candidates
             return batch.logprobs(), cands, [None] * len(wave)
-        union = np.unique(np.concatenate(live))  # type: ignore[arg-type]
+        union = np.unique(np.concatenate(arrays))
         cols = [None if c is None else np.searchsorted(union, c) for c in cands]
         return batch.logprobs(union), cands, cols
 

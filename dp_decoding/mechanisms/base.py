@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from accountant import JobEvent
+from dp_decoding.noise import NoiseSource
 
 
 @runtime_checkable
@@ -34,9 +35,7 @@ class Mechanism(Protocol):
     @property
     def sensitivity(self) -> float: ...
 
-    def select(
-        self, scores: np.ndarray, rng: np.random.Generator, prior: np.ndarray | None = None
-    ) -> int:
+    def select(self, scores: np.ndarray, rng: NoiseSource, prior: np.ndarray | None = None) -> int:
         """Index of the chosen candidate; ``prior`` is the public prompt's log-probabilities
         of the candidates (data-free) or None."""
         ...

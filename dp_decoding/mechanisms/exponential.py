@@ -17,8 +17,10 @@ import numpy as np
 
 from accountant import JobEvent
 from accountant.calibration import EventFactory, calibrate_event, exponential_guess
+from accountant.validation import check_regime
 from dp_decoding.mechanisms import gate
 from dp_decoding.mechanisms.base import MechanismSpec, PlanNoise
+from dp_decoding.noise import NoiseSource
 
 EXPONENTIAL_SENSITIVITY = 1.0
 
@@ -41,7 +43,9 @@ step, against ~1.2 ms), see docs/benchmarks.md (noise sources)."""
 
 def event_factory(regime: str, steps: int, q: float | None, *, gated: bool = False) -> EventFactory:
     """ε₀ → the event of ``steps`` exponential selections (``gated``: gate rounds)."""
-    return lambda eps0: JobEvent("exponential", regime, steps, epsilon0=eps0, q=q, gated=gated)  # type: ignore[arg-type]
+    return lambda eps0: JobEvent(
+        "exponential", check_regime(regime), steps, epsilon0=eps0, q=q, gated=gated
+    )
 
 
 @dataclass(frozen=True)
@@ -68,9 +72,7 @@ class ExponentialMechanism:
     name: Literal["exponential"] = "exponential"
     prior_weight: float = 0.0
 
-    def select(
-        self, scores: np.ndarray, rng: np.random.Generator, prior: np.ndarray | None = None
-    ) -> int:
+    def select(self, scores: np.ndarray, rng: NoiseSource, prior: np.ndarray | None = None) -> int:
         s = np.asarray(scores, dtype=np.float64)
         if math.isinf(self.epsilon0):
             return int(np.argmax(s))

@@ -20,6 +20,7 @@ import numpy as np
 from accountant import JobEvent
 from accountant.calibration import EventFactory, calibrate_event, exponential_guess
 from dp_decoding.mechanisms.aggregation import aggregate
+from dp_decoding.noise import NoiseSource
 
 GATE_SENSITIVITY = 1.0
 
@@ -87,13 +88,13 @@ class PublicTokenGate:
         pub = aggregate(np.asarray(public_logprobs)[None, :])  # one row: its renormalisation
         return 0.5 * float(np.abs(s - s.sum() * pub).sum())
 
-    def new_threshold(self, members: int, rng: np.random.Generator) -> float:
+    def new_threshold(self, members: int, rng: NoiseSource) -> float:
         if math.isinf(self.epsilon):
             return self.threshold * members
         scale = 2.0 * GATE_ROUNDED_SENSITIVITY / self.epsilon
         return grid_laplace(rng, self.threshold * members, scale)
 
-    def above(self, distance: float, noisy_threshold: float, rng: np.random.Generator) -> bool:
+    def above(self, distance: float, noisy_threshold: float, rng: NoiseSource) -> bool:
         if math.isinf(self.epsilon):
             return distance >= noisy_threshold
         scale = 4.0 * GATE_ROUNDED_SENSITIVITY / self.epsilon

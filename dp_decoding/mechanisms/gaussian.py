@@ -16,14 +16,16 @@ import numpy as np
 
 from accountant import JobEvent
 from accountant.calibration import EventFactory, calibrate_event, gaussian_guess
+from accountant.validation import check_regime
 from dp_decoding.mechanisms.base import MechanismSpec, PlanNoise
+from dp_decoding.noise import NoiseSource
 
 GAUSSIAN_SENSITIVITY = math.sqrt(2.0)
 
 
 def event_factory(regime: str, steps: int, q: float | None) -> EventFactory:
     """Noise multiplier (σ/Δ₂) → the event of ``steps`` Gaussian selections."""
-    return lambda nm: JobEvent("gaussian", regime, steps, noise_multiplier=nm, q=q)  # type: ignore[arg-type]
+    return lambda nm: JobEvent("gaussian", check_regime(regime), steps, noise_multiplier=nm, q=q)
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,7 @@ class GaussianNoisyArgmax:
     sensitivity: float = GAUSSIAN_SENSITIVITY
     name: Literal["gaussian"] = "gaussian"
 
-    def select(
-        self, scores: np.ndarray, rng: np.random.Generator, prior: np.ndarray | None = None
-    ) -> int:
+    def select(self, scores: np.ndarray, rng: NoiseSource, prior: np.ndarray | None = None) -> int:
         """``prior`` (public log-probabilities) is ignored: the Gaussian row takes none."""
         s = np.asarray(scores, dtype=np.float64)
         if self.sigma > 0:

@@ -32,14 +32,16 @@ def budget(
 ) -> dict[str, Any]:
     store = context.store
     tenant = store.get_tenant(key.tenant_id)
+    assert tenant is not None  # the key's tenant exists (keys.tenant_id REFERENCES tenants)
     out = store.budget(
         key.tenant_id,
-        reference=lambda eps: default_reference_event(eps, tenant.delta),  # type: ignore[union-attr]
+        reference=lambda eps: default_reference_event(eps, tenant.delta),
     )
+    assert out is not None  # None only for an unknown tenant
     context.metrics.epsilon_spent.labels(key.tenant_id).set(out["epsilon_spent"])
     return {
         "object": "privacy_budget",
-        "tenant": tenant.name,  # type: ignore[union-attr]
+        "tenant": tenant.name,
         **out,
         "epsilon_spent_note": EPSILON_SPENT_NOTE,
     }

@@ -27,7 +27,7 @@ router = APIRouter()
 
 def job_json(job: Job) -> dict[str, Any]:
     """A job's API object; demonstrations only once it succeeded."""
-    out = {
+    out: dict[str, Any] = {
         "id": job.id,
         "object": "demonstration_job",
         "name": job.name,
@@ -53,12 +53,13 @@ def plan_job(
 ) -> dict[str, Any]:
     store = context.store
     tenant = store.get_tenant(key.tenant_id)
+    assert tenant is not None  # the key's tenant exists (keys.tenant_id REFERENCES tenants)
     dataset = None
     if body.dataset:
         dataset = store.get_dataset(key.tenant_id, body.dataset)
         if dataset is None:
             raise not_found("dataset", body.dataset, "dataset")
-    plan = plan_for(body, tenant, dataset, engine=context.engine, base_model=context.base_model)  # type: ignore[arg-type]
+    plan = plan_for(body, tenant, dataset, engine=context.engine, base_model=context.base_model)
     d = plan.to_dict()
     return {
         "object": "demonstration_plan",
@@ -77,12 +78,13 @@ def create_job(
 ) -> dict[str, Any]:
     store, metrics = context.store, context.metrics
     tenant = store.get_tenant(key.tenant_id)
+    assert tenant is not None  # the key's tenant exists (keys.tenant_id REFERENCES tenants)
     d = store.get_dataset(key.tenant_id, body.dataset)
     if d is None:
         raise not_found("dataset", body.dataset, "dataset")
     if body.name == context.base_model:
         raise APIError(400, "name collides with the base model id.", param="name")
-    plan = plan_for(body, tenant, d, engine=context.engine, base_model=context.base_model)  # type: ignore[arg-type]
+    plan = plan_for(body, tenant, d, engine=context.engine, base_model=context.base_model)
     try:
         job, created = store.admit_job(
             key.tenant_id,

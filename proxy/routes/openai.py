@@ -9,11 +9,12 @@ exist, because whether a job failed may depend on private data.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
+from dp_decoding.engines import ChatTemplating
 from prompts import demonstrations_system_prompt, generic_task, get_task
 from proxy.auth import require_key
 from proxy.context import AppContext, get_context
@@ -154,7 +155,8 @@ def chat(
 ) -> dict[str, Any] | StreamingResponse:
     messages = _chat_messages(body, _demo_prefix(context, key, body.model))
     engine = context.engine
-    prompt_ids = engine.apply_chat_template(messages)  # type: ignore[attr-defined]
+    # The serving engine templates chats (every built-in engine does: ChatTemplating).
+    prompt_ids = cast(ChatTemplating, engine).apply_chat_template(messages)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else 0
     params = _params(body, body.max_completion_tokens or body.max_tokens, top_logprobs)
     reply = Reply(

@@ -8,7 +8,7 @@ Invariant: a row converter reads only its own row and raises :class:`StorageErro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from .codec import loads
 
@@ -24,6 +24,7 @@ __all__ = [
     "Scope",
     "Tenant",
     "api_key_from_row",
+    "check_scope",
     "count_without_user",
     "dataset_from_row",
     "job_from_row",
@@ -32,6 +33,17 @@ __all__ = [
 
 Scope = Literal["admin", "serving"]
 SCOPES: tuple[str, ...] = ("admin", "serving")
+
+
+def check_scope(value: str) -> Scope:
+    """``value`` as a :data:`Scope`; ValueError if it is not one."""
+    if value == "admin":
+        return "admin"
+    if value == "serving":
+        return "serving"
+    raise ValueError("scope must be 'admin' or 'serving'")
+
+
 JOB_STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed")
 INTERRUPTED_ERROR = "interrupted by a restart; the budget stays charged and the job is not re-run"
 
@@ -136,7 +148,7 @@ def api_key_from_row(row: dict[str, Any]) -> ApiKey:
     return ApiKey(
         id=str(row["id"]),
         tenant_id=str(row["tenant_id"]),
-        scope=str(row["scope"]),  # type: ignore[arg-type]
+        scope=cast(Scope, str(row["scope"])),  # only check_scope'd values are written
         name=row["name"],
         epsilon_cap=None if row["epsilon_cap"] is None else float(row["epsilon_cap"]),
         prefix=str(row["prefix"]),

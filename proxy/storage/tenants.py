@@ -20,11 +20,12 @@ from ..db import Database, IntegrityError, Transaction
 from .codec import hash_key, new_id
 from .ledger import GENESIS
 from .models import (
-    SCOPES,
     ApiKey,
     NotFound,
+    Scope,
     Tenant,
     api_key_from_row,
+    check_scope,
     tenant_from_row,
 )
 from .validation import check_delta, check_epsilon, check_name
@@ -45,7 +46,7 @@ def tenant_row(tx: Transaction, tenant_id: str, *, lock: bool = False) -> dict[s
 def insert_key(
     tx: Transaction,
     tenant: Tenant,
-    scope: str,
+    scope: Scope,
     name: str | None,
     cap: float | None,
     reference: ReferenceShape,
@@ -56,7 +57,7 @@ def insert_key(
     key = ApiKey(
         id=new_id("key"),
         tenant_id=tenant.id,
-        scope=scope,  # type: ignore[arg-type]
+        scope=scope,
         name=name,
         epsilon_cap=cap,
         prefix=plaintext[:_DISPLAY_PREFIX_LENGTH],
@@ -98,7 +99,7 @@ class Tenants:
         self, name: str, epsilon: float, delta: float, reference_event: JobEvent | None
     ) -> tuple[Tenant, str]:
         """See :meth:`proxy.store.Store.create_tenant`."""
-        name = check_name("tenant name", name)  # type: ignore[assignment]
+        name = check_name("tenant name", name)
         eps = check_epsilon("epsilon", epsilon)
         dlt = check_delta(delta)
         budget = tenant_budget(eps, dlt, reference_event or self._reference(eps, dlt))
@@ -146,8 +147,7 @@ class Tenants:
         self, tenant_id: str, scope: str, name: str | None, epsilon_cap: float | None
     ) -> tuple[ApiKey, str]:
         """See :meth:`proxy.store.Store.create_key`."""
-        if scope not in SCOPES:
-            raise ValueError("scope must be 'admin' or 'serving'")
+        checked_scope = check_scope(scope)
         check_name("key name", name, optional=True)
         cap = None if epsilon_cap is None else check_epsilon("epsilon_cap", epsilon_cap)
         tenant = self.get(tenant_id)
@@ -160,7 +160,7 @@ class Tenants:
             if row is None:
                 raise NotFound("unknown tenant")
             locked = tenant_from_row(row)
-            return insert_key(tx, locked, scope, name, cap, self._shape(locked.delta))
+            return insert_key(tx, locked, checked_scope, name, cap, self._shape(locked.delta))
 
     def authenticate(self, plaintext: str) -> ApiKey | None:
         """See :meth:`proxy.store.Store.authenticate`."""

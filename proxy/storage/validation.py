@@ -4,7 +4,7 @@ names the argument, never its value (so no stored text is echoed back)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, overload
 
 __all__ = ["check_delta", "check_epsilon", "check_name"]
 
@@ -29,6 +29,10 @@ def check_delta(value: Any) -> float:
     return number
 
 
+@overload
+def check_name(what: str, value: Any, optional: Literal[False] = False) -> str: ...
+@overload
+def check_name(what: str, value: Any, optional: bool) -> str | None: ...
 def check_name(what: str, value: Any, optional: bool = False) -> str | None:
     """A non-empty string of at most 256 characters (or None when ``optional``)."""
     if value is None and optional:
