@@ -14,9 +14,22 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from dp_decoding.mechanisms import registry as mechanisms
-from dp_decoding.plan import DEFAULTS, Plan, PlanError, make_plan
+from dp_decoding import plan_spec
+from dp_decoding.plan import Plan, PlanError, make_plan
 from dp_decoding.records import DataError, Record, load_jsonl
+
+__all__ = [
+    "LABELS_REQUIRED",
+    "TASK_CHOICES",
+    "UsageError",
+    "add_plan_arguments",
+    "cmd_generate",
+    "cmd_labels",
+    "cmd_plan",
+    "describe_plan",
+    "register",
+    "run",
+]
 
 TASK_CHOICES = ("generic", "agnews", "dbpedia", "trec", "mit-g", "mit-d")
 
@@ -25,18 +38,13 @@ class UsageError(Exception):
     """A bad command line (exit code 2)."""
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    return v
+_positive_float = plan_spec.positive_float
 
 
 def add_plan_arguments(p: argparse.ArgumentParser, *, need_data: bool) -> None:
     """The options shared by ``dpicl plan`` and ``dpicl generate``: data, task and labels,
-    then the declared privacy parameters (:func:`_add_privacy_arguments`)."""
-    d = DEFAULTS
+    then the declared privacy parameters (:func:`_add_privacy_arguments`). Every plan
+    parameter's option comes from :data:`dp_decoding.plan_spec.PARAMS`."""
     p.add_argument(
         "--data", required=need_data, help="private examples, JSONL (one object per line)"
     )
@@ -45,12 +53,7 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, need_data: bool) -> None:
     p.add_argument(
         "--user-field", default="user", help="JSON field with a user id (user-level privacy)"
     )
-    p.add_argument(
-        "--privacy-unit",
-        choices=("record", "user"),
-        default=d["privacy_unit"],
-        help="unit of privacy: one record, or one user (all of a user's records)",
-    )
+    plan_spec.add_cli_arguments(p, section="unit")
     p.add_argument(
         "--task",
         choices=TASK_CHOICES,
@@ -68,91 +71,8 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, need_data: bool) -> None:
 
 def _add_privacy_arguments(p: argparse.ArgumentParser) -> None:
     """The declared privacy and shape parameters (after the data and task options, in the
-    order ``--help`` lists them)."""
-    d = DEFAULTS
-    p.add_argument(
-        "--epsilon", type=_positive_float, default=d["epsilon"], help="target ε ('inf' = no noise)"
-    )
-    p.add_argument(
-        "--delta", type=_positive_float, default=d["delta"], help="δ (declared, not 1/n)"
-    )
-    p.add_argument("--shots", type=int, default=d["shots"], help="demonstrations per label")
-    p.add_argument(
-        "--max-tokens", type=int, default=d["max_tokens"], help="T: tokens per demonstration"
-    )
-    p.add_argument(
-        "--regime",
-        choices=("fixed", "resampled"),
-        default=d["regime"],
-        help="fixed disjoint batches (KV reuse) or a Poisson subsample per token",
-    )
-    p.add_argument(
-        "--q",
-        type=_positive_float,
-        default=None,
-        help="Poisson sampling rate (resampled regime; declared, never counted)",
-    )
-    p.add_argument(
-        "--prompts",
-        "-M",
-        dest="prompts",
-        type=int,
-        default=d["prompts"],
-        help="M: private prompts per step",
-    )
-    p.add_argument(
-        "--examples-per-prompt",
-        "-N",
-        dest="examples_per_prompt",
-        type=int,
-        default=d["examples_per_prompt"],
-        help="N: private examples per prompt",
-    )
-    p.add_argument(
-        "--mechanism",
-        choices=mechanisms.names(),
-        default=d["mechanism"],
-        help="Gaussian noisy argmax or the exponential mechanism",
-    )
-    p.add_argument(
-        "--candidates",
-        choices=("public-topk", "all"),
-        default=d["candidates"],
-        help="candidate tokens: top-k of the data-free public prompt, or the whole vocabulary",
-    )
-    p.add_argument("--top-k", type=int, default=d["top_k"], help="K for public-topk")
-    p.add_argument(
-        "--public-prior",
-        type=float,
-        default=0.0,
-        metavar="LAMBDA",
-        help="exponential mechanism with public-topk only: sample ∝ p_pub^λ·exp(ε₀·s/2), the "
-        "public prompt's probabilities as a data-free prior (same ε; 0 = off; 1 recommended "
-        "at small ε, see docs/results.md)",
-    )
-    p.add_argument(
-        "--gate-cutoff",
-        type=int,
-        default=None,
-        metavar="C",
-        help="public-token gate (fixed regime, exponential, public-topk): at most C private "
-        "tokens per demonstration, the others taken from the public model where an "
-        "AboveThreshold test finds the private vote close to it; the plan charges C rounds "
-        "(gate + selection) instead of max-tokens steps",
-    )
-    p.add_argument(
-        "--gate-threshold",
-        type=float,
-        default=None,
-        metavar="THETA",
-        help="the gate's threshold as a total-variation distance in (0, 1] (default 0.5)",
-    )
-    p.add_argument(
-        "--example-token-limit",
-        type=int,
-        default=d["example_token_limit"],
-        help="private examples are truncated to this many tokens",
-    )
+    order ``--help`` lists them): :data:`dp_decoding.plan_spec.PARAMS`, then the engine."""
+    plan_spec.add_cli_arguments(p, section="privacy")
     p.add_argument("--engine", default="embedded", help="engine (default: embedded SmolLM2 on CPU)")
 
 
@@ -200,22 +120,7 @@ def _plan_from_args(args: argparse.Namespace) -> Plan:
         )
     return make_plan(
         labels=_labels_from_args(args),
-        epsilon=args.epsilon,
-        delta=args.delta,
-        shots=args.shots,
-        max_tokens=args.max_tokens,
-        regime=args.regime,
-        mechanism=args.mechanism,
-        prompts=args.prompts,
-        examples_per_prompt=args.examples_per_prompt,
-        q=args.q,
-        candidates=args.candidates,
-        top_k=args.top_k,
-        public_prior=args.public_prior,
-        gate_cutoff=args.gate_cutoff,
-        gate_threshold=args.gate_threshold,
-        example_token_limit=args.example_token_limit,
-        privacy_unit=args.privacy_unit,
+        **plan_spec.plan_kwargs_from_args(args),
         task=args.task,
         model="SmolLM2-135M-Instruct" if args.engine == "embedded" else args.engine,
     )

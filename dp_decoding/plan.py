@@ -25,8 +25,19 @@ from typing import Any, Literal
 
 import accountant
 from accountant import JobEvent
+from dp_decoding import plan_spec
 from dp_decoding.mechanisms import Mechanism, MechanismSpec, PublicTokenGate
 from dp_decoding.mechanisms import registry as mechanisms
+
+__all__ = [
+    "DEFAULTS",
+    "Candidates",
+    "MechanismName",
+    "Plan",
+    "PlanError",
+    "Regime",
+    "make_plan",
+]
 
 Regime = Literal["fixed", "resampled"]
 MechanismName = str
@@ -34,21 +45,13 @@ MechanismName = str
 exponential); only the registry interprets it."""
 Candidates = Literal["public-topk", "all", "list"]
 
-DEFAULTS: dict[str, Any] = {
-    "epsilon": 4.0,
-    "delta": 1e-6,
-    "shots": 1,
-    "max_tokens": 64,
-    "regime": "fixed",
-    "mechanism": "gaussian",
-    "prompts": 64,
-    "examples_per_prompt": 1,
-    "q": None,
-    "candidates": "public-topk",
-    "top_k": 50,
-    "example_token_limit": 96,
-    "privacy_unit": "record",
-}
+DEFAULTS: dict[str, Any] = plan_spec.defaults()
+"""Every declared parameter's default, from the one table :data:`dp_decoding.plan_spec.PARAMS`."""
+
+_DERIVED_KEYS = frozenset(
+    {"labels_source", "noise_multiplier", "event", "epsilon", "epsilon_rdp", "accounting"}
+)
+"""Keys of :meth:`Plan.to_dict` computed from the fields (not stored as fields)."""
 
 
 class PlanError(ValueError):
@@ -155,6 +158,40 @@ class Plan:
         )
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """The plan whose :meth:`to_dict` is ``d`` (also after a JSON round trip): the
+        stored fields, with lists back to tuples and ``"inf"`` back to ``math.inf``; the
+        derived keys (ε, event, accounting, ...) are recomputed, never read. Nothing is
+        re-calibrated: ``Plan.from_dict(p.to_dict()) == p``. A dict with a missing or
+        unknown key is refused (:class:`PlanError`)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names - _DERIVED_KEYS
+        if unknown:
+            raise PlanError(f"not a plan: unknown key(s) {', '.join(sorted(unknown))}")
+        required = {f.name for f in dataclasses.fields(cls) if _is_required(f)}
+        missing = required - set(d)
+        if missing:
+            raise PlanError(f"not a plan: missing key(s) {', '.join(sorted(missing))}")
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["labels"] = tuple(kw["labels"])
+        kw["notes"] = tuple(kw.get("notes", ()))
+        if kw.get("candidate_token_ids") is not None:
+            kw["candidate_token_ids"] = tuple(int(t) for t in kw["candidate_token_ids"])
+        for key in ("epsilon_target", "epsilon0"):
+            kw[key] = _from_json_float(kw.get(key))
+        return cls(**kw)
+
+
+def _is_required(f: dataclasses.Field[Any]) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _from_json_float(x: float | str | None) -> float | None:
+    if x is None:
+        return None
+    return math.inf if x == "inf" else float(x)
+
 
 def _json_float(x: float | None) -> float | str | None:
     if x is None:
@@ -176,36 +213,35 @@ def make_plan(
     q: float | None = DEFAULTS["q"],
     candidates: str = DEFAULTS["candidates"],
     top_k: int | None = DEFAULTS["top_k"],
-    candidate_token_ids: list[int] | tuple[int, ...] | None = None,
+    candidate_token_ids: list[int] | tuple[int, ...] | None = DEFAULTS["candidate_token_ids"],
     example_token_limit: int = DEFAULTS["example_token_limit"],
     privacy_unit: str = DEFAULTS["privacy_unit"],
     task: str = "generic",
     model: str = "",
-    public_prior: float = 0.0,
-    gate_cutoff: int | None = None,
-    gate_threshold: float | None = None,
+    public_prior: float = DEFAULTS["public_prior"],
+    gate_cutoff: int | None = DEFAULTS["gate_cutoff"],
+    gate_threshold: float | None = DEFAULTS["gate_threshold"],
 ) -> Plan:
-    """Validate declared parameters and calibrate the noise to ``epsilon`` at ``delta``."""
+    """Validate declared parameters and calibrate the noise to ``epsilon`` at ``delta``.
+    Every keyword but ``labels``, ``task`` and ``model`` is a row of
+    :data:`dp_decoding.plan_spec.PARAMS` (its default is the table's)."""
     labels = tuple(dict.fromkeys(str(x) for x in labels))
     if not labels:
         raise PlanError("the label set is empty")
-    _check(math.isnan(epsilon) is False and epsilon > 0, "epsilon must be > 0 (or inf)")
-    _check(0 < delta < 1, "delta must be in (0, 1)")
-    _check(regime in ("fixed", "resampled"), "regime must be 'fixed' or 'resampled'")
-    _check(mechanism in mechanisms.names(), f"mechanism must be {mechanisms.choices_text()}")
+    _check_each(
+        epsilon=epsilon,
+        delta=delta,
+        regime=regime,
+        mechanism=mechanism,
+        candidates=candidates,
+        privacy_unit=privacy_unit,
+        shots=shots,
+        max_tokens=max_tokens,
+        prompts=prompts,
+        examples_per_prompt=examples_per_prompt,
+        example_token_limit=example_token_limit,
+    )
     spec = mechanisms.get(mechanism)
-    _check(candidates in ("public-topk", "all", "list"), "candidates: public-topk, all or list")
-    _check(privacy_unit in ("record", "user"), "privacy unit must be 'record' or 'user'")
-    for name, v in (
-        ("shots", shots),
-        ("max-tokens", max_tokens),
-        ("prompts", prompts),
-        ("examples-per-prompt", examples_per_prompt),
-        ("example-token-limit", example_token_limit),
-    ):
-        _check(isinstance(v, int) and v >= 1, f"{name} must be a positive integer")
-    _check(max_tokens <= 4096, "max-tokens must be at most 4096")
-    _check(prompts <= 4096, "prompts must be at most 4096")
     if regime == "resampled":
         _check(q is not None, "the resampled regime needs a declared --q (Poisson rate)")
         _check(0 < q <= 1, "q must be in (0, 1]")  # type: ignore[operator]
@@ -261,6 +297,40 @@ def make_plan(
         gate_cutoff=gate_cutoff,
         gate_threshold=gate_threshold,
     )
+
+
+def _check_each(
+    *,
+    epsilon: float,
+    delta: float,
+    regime: str,
+    mechanism: str,
+    candidates: str,
+    privacy_unit: str,
+    shots: int,
+    max_tokens: int,
+    prompts: int,
+    examples_per_prompt: int,
+    example_token_limit: int,
+) -> None:
+    """Each parameter on its own (range, choices), in this order; the first failure is the
+    one reported. Checks between parameters follow in :func:`make_plan`."""
+    _check(math.isnan(epsilon) is False and epsilon > 0, "epsilon must be > 0 (or inf)")
+    _check(0 < delta < 1, "delta must be in (0, 1)")
+    _check(regime in ("fixed", "resampled"), "regime must be 'fixed' or 'resampled'")
+    _check(mechanism in mechanisms.names(), f"mechanism must be {mechanisms.choices_text()}")
+    _check(candidates in ("public-topk", "all", "list"), "candidates: public-topk, all or list")
+    _check(privacy_unit in ("record", "user"), "privacy unit must be 'record' or 'user'")
+    for name, v in (
+        ("shots", shots),
+        ("max-tokens", max_tokens),
+        ("prompts", prompts),
+        ("examples-per-prompt", examples_per_prompt),
+        ("example-token-limit", example_token_limit),
+    ):
+        _check(isinstance(v, int) and v >= 1, f"{name} must be a positive integer")
+    _check(max_tokens <= 4096, "max-tokens must be at most 4096")
+    _check(prompts <= 4096, "prompts must be at most 4096")
 
 
 def _check_prior_and_gate(

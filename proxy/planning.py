@@ -18,7 +18,8 @@ is charged for a plan that cannot run.
 from __future__ import annotations
 
 from dp_decoding.engines.base import Engine
-from dp_decoding.plan import DEFAULTS, Plan, PlanError, make_plan
+from dp_decoding.plan import Plan, PlanError, make_plan
+from dp_decoding.plan_spec import plan_kwargs_from_request
 from dp_decoding.rows import check_context
 from prompts import generic_task, get_task
 from proxy.errors import APIError
@@ -71,28 +72,19 @@ def plan_for(
     engine: Engine,
     base_model: str,
 ) -> Plan:
-    """The plan from declared parameters only. ``dataset`` (its stored attributes, never
+    """The plan from declared parameters only (the body's plan fields, as
+    :func:`~dp_decoding.plan_spec.plan_kwargs_from_request` reads them; a null δ is the
+    tenant's). ``dataset`` (its stored attributes, never
     its records) is checked for user ids when the privacy unit is the user."""
     labels = _declared_labels(body)
     _check_declared(body, tenant, dataset)
     try:
         plan = make_plan(
             labels=labels,
-            epsilon=body.epsilon,  # type: ignore[arg-type]
-            delta=body.delta if body.delta is not None else tenant.delta,
-            shots=body.shots,
-            max_tokens=body.max_tokens,
-            regime=body.regime,
-            mechanism=body.mechanism,
-            prompts=body.prompts or DEFAULTS["prompts"],
-            examples_per_prompt=body.examples_per_prompt or DEFAULTS["examples_per_prompt"],
-            q=body.q,
-            candidates=body.candidates,
-            top_k=body.top_k or DEFAULTS["top_k"],
-            public_prior=body.public_prior,
-            gate_cutoff=body.gate_cutoff,
-            gate_threshold=body.gate_threshold,
-            privacy_unit=body.privacy_unit,
+            **{
+                **plan_kwargs_from_request(body),
+                "delta": body.delta if body.delta is not None else tenant.delta,
+            },
             task=body.task,
             model=base_model,
         )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dp_decoding.mechanisms import registry as mechanisms
+from dp_decoding.plan_spec import api_field
 
 __all__ = [
     "ChatCompletionRequest",
@@ -12,6 +15,7 @@ __all__ = [
     "CompletionRequest",
     "DemonstrationJobRequest",
     "KeyRequest",
+    "MechanismField",
     "PlanRequest",
     "StreamOptions",
 ]
@@ -94,31 +98,42 @@ class CompletionRequest(_Sampling):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+if TYPE_CHECKING:
+    MechanismField = str
+else:
+    MechanismField = Literal[mechanisms.names()]
+"""The registered mechanism names (:mod:`dp_decoding.mechanisms.registry`) as a ``Literal``,
+read when this module is imported: a mechanism registered later is not admitted by the API
+(the schema lists the names as an enum)."""
+
+
 class DemonstrationJobRequest(_Body):
     """Starts a DP demonstration-generation job. Only declared parameters; see the core's
     plan for defaults."""
 
+    # The plan fields' defaults and bounds come from dp_decoding.plan_spec.PARAMS (one row
+    # per declared parameter); tests check that these fields cover exactly its API rows.
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(min_length=1)
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
-    epsilon: float = Field(gt=0)
-    delta: float | None = Field(default=None, gt=0, lt=1)
-    shots: int = Field(default=1, ge=1, le=256)
-    max_tokens: int = Field(default=64, ge=1, le=512)
+    epsilon: float = api_field("epsilon")
+    delta: float | None = api_field("delta")
+    shots: int = api_field("shots")
+    max_tokens: int = api_field("max_tokens")
     labels: list[str] | None = None
-    regime: Literal["fixed", "resampled"] = "fixed"
-    mechanism: Literal["gaussian", "exponential"] = "gaussian"
-    q: float | None = Field(default=None, gt=0, le=1)
-    prompts: int | None = Field(default=None, ge=1, le=1024)
-    examples_per_prompt: int | None = Field(default=None, ge=1, le=64)
-    candidates: Literal["public-topk", "all"] = "public-topk"
-    top_k: int | None = Field(default=None, ge=1, le=1000)
-    public_prior: float = Field(default=0.0, ge=0, le=16)
-    gate_cutoff: int | None = Field(default=None, ge=1, le=512)
-    gate_threshold: float | None = Field(default=None, gt=0, le=1)
+    regime: Literal["fixed", "resampled"] = api_field("regime")
+    mechanism: MechanismField = api_field("mechanism")
+    q: float | None = api_field("q")
+    prompts: int | None = api_field("prompts")
+    examples_per_prompt: int | None = api_field("examples_per_prompt")
+    candidates: Literal["public-topk", "all"] = api_field("candidates")
+    top_k: int | None = api_field("top_k")
+    public_prior: float = api_field("public_prior")
+    gate_cutoff: int | None = api_field("gate_cutoff")
+    gate_threshold: float | None = api_field("gate_threshold")
     task: Literal["generic", "agnews", "dbpedia", "trec"] = "generic"
-    privacy_unit: Literal["record", "user"] = "record"
+    privacy_unit: Literal["record", "user"] = api_field("privacy_unit")
 
 
 class PlanRequest(DemonstrationJobRequest):
