@@ -272,7 +272,7 @@ def make_plan(
     return Plan(
         labels=labels,
         regime=regime,  # type: ignore[arg-type]
-        mechanism=mechanism,  # type: ignore[arg-type]
+        mechanism=mechanism,
         M=prompts,
         N=examples_per_prompt,
         B=B,
@@ -281,7 +281,7 @@ def make_plan(
         max_tokens=max_tokens,
         candidates=candidates,  # type: ignore[arg-type]
         top_k=top_k,
-        candidate_token_ids=candidate_token_ids,  # type: ignore[arg-type]
+        candidate_token_ids=candidate_token_ids,
         example_token_limit=example_token_limit,
         epsilon_target=epsilon,
         delta=delta,
@@ -359,7 +359,7 @@ def _check_prior_and_gate(
         )
         _check(gate_cutoff is not None, "the gate needs a declared cutoff (gate-cutoff)")
         _check(
-            isinstance(gate_cutoff, int) and 1 <= gate_cutoff <= max_tokens,  # type: ignore[operator]
+            isinstance(gate_cutoff, int) and 1 <= gate_cutoff <= max_tokens,
             "gate-cutoff must be an integer between 1 and max-tokens",
         )
         gate_threshold = 0.5 if gate_threshold is None else float(gate_threshold)

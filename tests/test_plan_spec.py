@@ -97,7 +97,7 @@ def test_cli_flags_cover_exactly_the_spec() -> None:
         assert a.default == p.default
         if a.choices is not None:
             assert set(a.choices) <= set(p.choice_list() or ())
-    assert tuple(actions["mechanism"].choices) == mechanisms.names()
+    assert tuple(actions["mechanism"].choices or ()) == mechanisms.names()
 
 
 def test_cli_args_map_to_make_plan() -> None:
