@@ -39,6 +39,23 @@ from evaluation.demos import seeded
 from evaluation.neighbours import neighbour_check
 from prompts import get_task
 
+__all__ = [
+    "ALPHA",
+    "AuditConfig",
+    "COPIES",
+    "DELTA",
+    "NEIGHBOUR_RECORDS",
+    "NGRAM",
+    "best_possible_bound",
+    "canaries_needed",
+    "clopper_pearson",
+    "detect",
+    "epsilon_lower_bound",
+    "make_canaries",
+    "run_audit",
+    "words",
+]
+
 NGRAM = 8
 COPIES = 3
 """Copies of a canary in one positive-control prompt (one unit's records): SmolLM2 copies an

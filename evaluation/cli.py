@@ -10,6 +10,8 @@ from pathlib import Path
 from evaluation.methods import DEFAULT_METHODS, METHODS
 from evaluation.tasks import EVAL_TASKS
 
+__all__ = ["cmd_audit", "cmd_eval", "register"]
+
 
 def _floats(text: str) -> list[float]:
     try:

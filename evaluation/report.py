@@ -7,6 +7,8 @@ from typing import Any
 
 from evaluation.methods import BASELINES, DP_METHODS, METHODS
 
+__all__ = ["POOL_NOTE", "plot", "write_markdown"]
+
 POOL_NOTE = {
     "agnews": "paper: 30,000 per class; here ≈2,200",
     "dbpedia": "paper: 40,000 per class; here ≈700",

@@ -57,6 +57,21 @@ from evaluation.tasks import (
 )
 from prompts import TaskFormat, generic_task, get_task
 
+__all__ = [
+    "EvalConfig",
+    "TaskData",
+    "build_plan",
+    "cells_for",
+    "collect",
+    "custom_task",
+    "dp_settings",
+    "eps_key",
+    "load_task",
+    "run_cell",
+    "run_eval",
+    "slice_rows",
+]
+
 
 @dataclass
 class EvalConfig:

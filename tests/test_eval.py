@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from evaluation.cache import cell_key
 from evaluation.methods import METHODS
 from evaluation.runner import (
     EvalConfig,
     build_plan,
-    cell_key,
     cells_for,
     dp_settings,
     load_task,
@@ -130,7 +130,8 @@ def test_report_only_computes_nothing_and_reports_cached_cells(
 ) -> None:
     """``--report-only`` builds the reports from the cache alone: no engine is started, and
     cells missing from the cache are left out (shown as "—") instead of computed."""
-    from evaluation.runner import Cache, cells_for
+    from evaluation.cache import Cache
+    from evaluation.runner import cells_for
 
     cfg = tiny_eval_config(shared_data, tmp_path, methods=["zero-shot", "best"], report_only=True)
     td = load_task(cfg, "trec")
@@ -154,7 +155,8 @@ def test_report_only_computes_nothing_and_reports_cached_cells(
 def test_report_rows_scores_a_slice_from_per_row_hits(shared_data: Path, tmp_path: Path) -> None:
     """``--report-rows 2:5`` reports each cell on test rows 2..4 from its stored hits, without
     an engine; a cell cached without hits cannot be sliced and is left out and counted."""
-    from evaluation.runner import Cache, cells_for
+    from evaluation.cache import Cache
+    from evaluation.runner import cells_for
 
     cfg = tiny_eval_config(
         shared_data, tmp_path, methods=["real", "best"], report_only=True, report_rows=(2, 5)
