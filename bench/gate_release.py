@@ -80,16 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from dp_decoding.engines.embedded import EmbeddedEngine
-    from dp_decoding.evaluation.runner import (
-        GATE_CUTOFF,
-        GATE_THRESHOLD,
-        EvalConfig,
-        build_plan,
-        dp_settings,
-    )
-    from dp_decoding.evaluation.tasks import EVAL_TASKS
     from dp_decoding.plan import make_plan
     from dp_decoding.records import load_jsonl
+    from evaluation.methods import GATE_CUTOFF, GATE_THRESHOLD
+    from evaluation.runner import EvalConfig, build_plan, dp_settings
+    from evaluation.tasks import EVAL_TASKS
     from prompts import get_task
 
     log("loading the engine ...")

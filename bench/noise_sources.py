@@ -19,7 +19,6 @@ import argparse
 import platform
 import secrets
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devtools.machine import cpu_model  # noqa: E402
 from dp_decoding import noise  # noqa: E402
 from dp_decoding.mechanisms import GATE_GRID_K  # noqa: E402
 
@@ -43,14 +43,6 @@ def median_us(f: Any, repeats: int) -> float:
         f()
         ts.append(time.perf_counter() - t)
     return 1e6 * statistics.median(ts)
-
-
-def cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if "Model name" in ln)
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -126,7 +118,7 @@ def main() -> None:
 
     from importlib.metadata import version
 
-    print(f"Machine: {cpu()}; Python {platform.python_version()}, numpy {np.__version__}, ")
+    print(f"Machine: {cpu_model()}; Python {platform.python_version()}, numpy {np.__version__}, ")
     print(f"opendp {version('opendp')}; median of {r} calls (fewer for the slowest cells).\n")
     print("| sampler | size | old PCG64DXSM (µs) | new SecureRandom (µs) | OpenDP (µs) | used |")
     print("|---|---:|---:|---:|---:|---|")

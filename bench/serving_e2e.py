@@ -19,7 +19,6 @@ import datetime as dt
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 from _sections import replace_section  # bench/ is sys.path[0] when a script runs
+
+from devtools.server import Server, create_tenant
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -85,55 +85,23 @@ class EngineResult:
 
 def run_engine(engine: str, n: int, max_tokens: int, tmp: Path) -> EngineResult:
     db = f"sqlite:///{tmp / f'{engine}.db'}"
-    cli = [sys.executable, "-m", "proxy.cli"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    r = subprocess.run(
-        [*cli, "tenant", "create", "bench", "--epsilon", "10", "--db", db],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO,
-        env=env,
-    )
-    key = r.stdout.strip().splitlines()[-1]
-    port = 18000 + (os.getpid() % 1000)
-    url = f"http://127.0.0.1:{port}"
-    logf = (tmp / f"{engine}.log").open("w")
+    key = create_tenant(db, "bench", 10.0)
+    server = Server(db=db, log_path=tmp / f"{engine}.log", engine=engine)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [*cli, "serve", "--engine", engine, "--port", str(port), "--db", db],
-        cwd=REPO,
-        env=env,
-        stdout=logf,
-        stderr=subprocess.STDOUT,
-    )
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{engine} server exited; see {logf.name}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        server.start(timeout=float("inf"), poll=0.1)
         startup = time.perf_counter() - t0
         log(f"{engine}: up in {startup:.1f} s")
-        cold = burst(url, key, n, max_tokens)
+        cold = burst(server.url, key, n, max_tokens)
         cold_total = time.perf_counter() - t0
         log(f"{engine}: cold {n} requests done {cold_total:.1f} s after launch")
         warm = []
         for k in sorted({1, 4, n}):
-            warm.append(burst(url, key, k, max_tokens))
+            warm.append(burst(server.url, key, k, max_tokens))
             log(f"{engine}: warm burst of {k}: {warm[-1].wall:.2f} s")
         return EngineResult(engine, startup, cold_total, cold, warm)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        logf.close()
+        server.stop()
 
 
 def render(results: list[EngineResult], n: int, max_tokens: int, load: tuple[str, str]) -> str:

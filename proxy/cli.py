@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def build_parser() -> argparse.ArgumentParser:
     from dp_decoding import cli as core_cli
-    from dp_decoding.evaluation import cli as eval_cli
+    from evaluation import cli as eval_cli
 
     parser = argparse.ArgumentParser(
         prog="dpicl",

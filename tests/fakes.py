@@ -54,7 +54,7 @@ def two_label_records(n: int) -> list[Record]:
 
 def tiny_eval_config(data_dir: Path, out: Path, **kw: Any) -> Any:
     """A TREC grid of ε ∈ {1, ∞} on 5 test rows at 4 shots (quiet); ``kw`` sets the rest."""
-    from dp_decoding.evaluation.runner import EvalConfig
+    from evaluation.runner import EvalConfig
 
     base: dict[str, Any] = {"seeds": 1, "test_rows": 5, "shots": [4], "quiet": True}
     return EvalConfig(

@@ -17,9 +17,9 @@ import pytest
 from accountant import rdp_curve
 from accountant.accounting import DEFAULT_ORDERS
 from accountant.filter import curve_value
+from devtools.server import Server, create_tenant
 from dp_decoding.plan import make_plan
 from proxy.store import Store
-from tests.server_harness import Server, create_tenant
 
 pytestmark = pytest.mark.model
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dp_decoding.evaluation.audit import (
+from dp_decoding.records import Record, record_unit
+from evaluation.audit import (
     COPIES,
     AuditConfig,
     _generate,
@@ -19,7 +20,6 @@ from dp_decoding.evaluation.audit import (
     epsilon_lower_bound,
     make_canaries,
 )
-from dp_decoding.records import Record, record_unit
 
 CANARY = "lantern orbit velvet quasar meadow tundra saffron cobalt harbor zephyr"
 
@@ -83,8 +83,8 @@ def test_audit_neighbour_check_and_its_positive_control(
 ) -> None:  # type: ignore[no-untyped-def]
     """`dpicl audit` reports the neighbour check: padded rows are row-independent, and the
     deliberately unpadded run (positive control) is flagged."""
-    from dp_decoding.evaluation.audit import _neighbour_arms
     from dp_decoding.records import load_jsonl
+    from evaluation.audit import _neighbour_arms
 
     cfg = AuditConfig(
         data=shared_data / "agnews" / "train.jsonl",

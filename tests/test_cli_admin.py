@@ -6,9 +6,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from devtools.server import dpicl
 from dp_decoding.plan import make_plan
 from proxy.store import Store
-from tests.server_harness import dpicl
 
 
 def test_tenant_create_and_ledger_verify(tmp_path: Path) -> None:

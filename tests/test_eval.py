@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from dp_decoding.evaluation.runner import (
-    METHODS,
+from evaluation.cache import cell_key
+from evaluation.methods import METHODS
+from evaluation.runner import (
     EvalConfig,
     build_plan,
-    cell_key,
     cells_for,
     dp_settings,
     load_task,
     run_cell,
     run_eval,
 )
-from dp_decoding.evaluation.scoring import split_prompt
+from evaluation.scoring import split_prompt
 from prompts import answer_prompt, get_task
 from tests.fakes import tiny_eval_config
 
@@ -37,7 +37,7 @@ def test_split_prompt_is_a_split() -> None:
 def test_paper_t_rows_are_matched_and_cost_no_extra_epsilon(tmp_path: Path) -> None:
     """'gate-long' differs from 'gate' only in T (the paper's 100 on DBPedia), its model-written
     baseline 'public-long' is generated at the same T, and the plan's ε does not move with T."""
-    from dp_decoding.evaluation.tasks import EVAL_TASKS
+    from evaluation.tasks import EVAL_TASKS
 
     spec = EVAL_TASKS["dbpedia"]
     cfg = EvalConfig(["dbpedia"], tmp_path, [4.0], 1, 10, [4], tmp_path, methods=list(METHODS))
@@ -130,7 +130,8 @@ def test_report_only_computes_nothing_and_reports_cached_cells(
 ) -> None:
     """``--report-only`` builds the reports from the cache alone: no engine is started, and
     cells missing from the cache are left out (shown as "—") instead of computed."""
-    from dp_decoding.evaluation.runner import Cache, cells_for
+    from evaluation.cache import Cache
+    from evaluation.runner import cells_for
 
     cfg = tiny_eval_config(shared_data, tmp_path, methods=["zero-shot", "best"], report_only=True)
     td = load_task(cfg, "trec")
@@ -154,7 +155,8 @@ def test_report_only_computes_nothing_and_reports_cached_cells(
 def test_report_rows_scores_a_slice_from_per_row_hits(shared_data: Path, tmp_path: Path) -> None:
     """``--report-rows 2:5`` reports each cell on test rows 2..4 from its stored hits, without
     an engine; a cell cached without hits cannot be sliced and is left out and counted."""
-    from dp_decoding.evaluation.runner import Cache, cells_for
+    from evaluation.cache import Cache
+    from evaluation.runner import cells_for
 
     cfg = tiny_eval_config(
         shared_data, tmp_path, methods=["real", "best"], report_only=True, report_rows=(2, 5)

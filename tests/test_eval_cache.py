@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from dp_decoding.evaluation import runner
-from dp_decoding.evaluation.cache import Cache, cell_key
-from dp_decoding.evaluation.runner import EvalConfig, cells_for, load_task, run_eval
+from evaluation import runner
+from evaluation.cache import Cache, cell_key
+from evaluation.runner import EvalConfig, cells_for, load_task, run_eval
 from tests.fakes import tiny_eval_config
 
 

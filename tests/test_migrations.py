@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
+from devtools.server import dpicl
 from dp_decoding.plan import make_plan
 from proxy.db import Database, StorageError
 from proxy.storage import ledger
 from proxy.storage.schema import MIGRATIONS, SCHEMA_VERSION
 from proxy.store import Store
-from tests.server_harness import dpicl
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 RELEASE_DB = FIXTURES / "release_abd6ed3.sqlite3"

@@ -148,8 +148,8 @@ def test_api_body_maps_to_make_plan_with_defaults_for_nulls() -> None:
 
 
 def test_evaluation_settings_are_declared_parameters(tmp_path: Path) -> None:
-    from dp_decoding.evaluation.runner import DP_METHODS, EvalConfig, dp_settings
-    from dp_decoding.evaluation.tasks import EVAL_TASKS
+    from evaluation.runner import DP_METHODS, EvalConfig, dp_settings
+    from evaluation.tasks import EVAL_TASKS
 
     seen = 0
     for paper in (False, True):

@@ -2,7 +2,7 @@
 
 Two neighbouring datasets (one record added) run through the real generation loop on the real
 model; every private row that holds the same tokens in both runs must have a bitwise-identical
-next-token distribution at every step, in both regimes (:mod:`dp_decoding.evaluation.neighbours`).
+next-token distribution at every step, in both regimes (:mod:`evaluation.neighbours`).
 The added record is longer than every other example, so without the fixed-width padding it
 would widen the batch: that run is the positive control and must be flagged.
 """
@@ -13,9 +13,9 @@ import importlib.util
 
 import pytest
 
-from dp_decoding.evaluation.neighbours import neighbour_check
 from dp_decoding.plan import make_plan
 from dp_decoding.records import Record, record_unit
+from evaluation.neighbours import neighbour_check
 from prompts import get_task
 
 pytestmark = pytest.mark.model
@@ -130,8 +130,8 @@ def test_vllm_in_engine_aggregation_rows_are_independent_of_other_rows(
     import numpy as np
 
     from dp_decoding.engines import vllm_aggregate as va
-    from dp_decoding.evaluation.neighbours import SCRIPT_TEXT
     from dp_decoding.generate import DemoGenerator
+    from evaluation.neighbours import SCRIPT_TEXT
 
     seen: list[tuple[int, int, np.ndarray]] = []
     decide = va.AggregationJob.decide

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server_harness import Server, create_tenant
+from devtools.server import Server, create_tenant
 
 pytestmark = pytest.mark.model
 

@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import httpx
 import numpy as np
 import pytest
 
+from devtools.server import free_port
 from dp_decoding.engines import load_engine
 from dp_decoding.engines.upstream import (
     CandidateSetRequired,
@@ -477,12 +477,6 @@ needs_vllm = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory) -> Iterator[str]:
     """``vllm serve`` on the converted SmolLM2 directory, started once for this module.
@@ -495,7 +489,7 @@ def vllm_server(tmp_path_factory) -> Iterator[str]:
     from dp_decoding.engines.model_files import ensure_model_dir
 
     model_dir = ensure_model_dir()
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # set by the in-process vLLM engine tests

@@ -20,11 +20,11 @@ import httpx
 import openai
 import pytest
 
+from devtools.server import Server, create_tenant
 from proxy.backends import backend_for
 from proxy.serving import StepLoopBackend
 from proxy.vllm_serving import PhaseLock, VLLMServing, share_engine_lock
 from tests.fakes import FakeEngine
-from tests.server_harness import Server, create_tenant
 
 BASE = "SmolLM2-135M-Instruct"
 

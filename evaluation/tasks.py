@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+__all__ = ["BUDGET_EXAMPLE_TOKENS", "DELTA", "EVAL_TASKS", "EvalTask", "Settings"]
+
 
 @dataclass(frozen=True)
 class Settings:

@@ -26,6 +26,20 @@ from dp_decoding.engines.base import Batch, Engine
 from dp_decoding.engines.embedded import EmbeddedBatch, EmbeddedEngine
 from prompts import TaskFormat, answer_prompt, chat_messages, label_word
 
+__all__ = [
+    "CONTENT_FREE",
+    "SENTINEL",
+    "Score",
+    "SharedPrefixBatch",
+    "extract",
+    "greedy_answers",
+    "label_token_ids",
+    "score",
+    "score_classification",
+    "score_extraction",
+    "split_prompt",
+]
+
 CONTENT_FREE = ("N/A", "", "[MASK]")
 SENTINEL = "\x00QUERY\x00"
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dp_decoding.evaluation.runner import BASELINES, DP_METHODS, METHODS
+from evaluation.methods import BASELINES, DP_METHODS, METHODS
+
+__all__ = ["POOL_NOTE", "plot", "write_markdown"]
 
 POOL_NOTE = {
     "agnews": "paper: 30,000 per class; here ≈2,200",

@@ -31,6 +31,8 @@ from dp_decoding.plan import Plan
 from dp_decoding.records import Record
 from prompts import TaskFormat
 
+__all__ = ["NeighbourReport", "SCRIPT_TEXT", "neighbour_check"]
+
 SCRIPT_TEXT = " the city of the new year and the world"
 """The tokens both runs release, one per position (data-independent, no stop token)."""
 

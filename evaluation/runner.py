@@ -4,7 +4,7 @@ A *cell* is one (task, shots, method, ε, seed) with every parameter that determ
 (settings, test rows, seed mode, model). Invariants:
 - a cell's cache key is the SHA-256 of its canonical JSON; a finished cell is stored in
   ``DIR/cache.json`` (written atomically after every cell) and never recomputed; several
-  processes may share ``DIR`` and split the grid (:mod:`dp_decoding.evaluation.cache`);
+  processes may share ``DIR`` and split the grid (:mod:`evaluation.cache`);
 - DP cells build their plan with :func:`make_plan` from declared numbers only (q from the task
   config), δ = 1e-6; in ``os`` seed mode (production) the generator draws its noise and job key
   from OS entropy, in ``fixed`` seed mode (tests) both are derived from the seed;
@@ -27,68 +27,50 @@ from typing import Any
 import numpy as np
 
 from dp_decoding.engines.dtype import default_dtype
-from dp_decoding.evaluation.cache import Cache, cell_key
-from dp_decoding.evaluation.demos import (
+from dp_decoding.plan import DEFAULTS, Plan, make_plan
+from dp_decoding.records import Record, load_jsonl
+from evaluation.cache import Cache, cell_key
+from evaluation.demos import (
     dp_demonstrations,
     public_demonstrations,
     real_demonstrations,
     seeded,
 )
-from dp_decoding.evaluation.scoring import score
-from dp_decoding.evaluation.tasks import (
+from evaluation.methods import (
+    DEFAULT_METHODS,
+    DP_METHODS,
+    GATE_CUTOFF,
+    GATE_THRESHOLD,
+    GATED,
+    NO_INF_ROW,
+    PAPER_T,
+    WIDE_M,
+)
+from evaluation.report import plot, write_markdown
+from evaluation.scoring import score
+from evaluation.tasks import (
     BUDGET_EXAMPLE_TOKENS,
     DELTA,
     EVAL_TASKS,
     EvalTask,
     Settings,
 )
-from dp_decoding.plan import DEFAULTS, Plan, make_plan
-from dp_decoding.records import Record, load_jsonl
 from prompts import TaskFormat, generic_task, get_task
 
-WIDE_M = 128
-"""M of the ``wide`` rows, declared a priori: the fixed regime puts every unit in one prompt,
-so many prompts cost no extra ε; 128 prompts of N = 2 use 256 records per label, within the
-smallest declared pool (DBPedia: 690 per label)."""
-
-GATE_CUTOFF = 5
-"""c of the ``gate`` rows, declared from the accounting alone: the largest cutoff at which a
-private token gets at least the ε0 of the ungated plan (T = 20) at every ε of the grid
-(ε = 1: 0.111 vs 0.099; c = 6 would give 0.098)."""
-GATE_THRESHOLD = 0.5
-"""θ of the ``gate`` rows, declared: a position is private when the private vote moves at
-least half of the probability mass away from the public prediction (TV ≥ 0.5, noisily)."""
-
-METHODS: dict[str, str] = {
-    "zero-shot": "zero-shot",
-    "zero-shot-chat": "zero-shot (chat template)",
-    "real": "real demonstrations (non-private)",
-    "public": "model-written, no private data (ε = 0)",
-    "public-long": "model-written, no private data (ε = 0), at the paper's T",
-    "paper": "DP, paper settings (resampled, Gaussian, public top-100)",
-    "best": "DP, dpicl best (fixed batches, exponential, public top-50)",
-    "blend": "DP, dpicl best with the public prior (exponential × public model, λ = 1)",
-    "wide": f"DP, dpicl fixed batches at M = {WIDE_M} (exponential, public top-50)",
-    "gate": f"DP, dpicl best with the public-token gate (M = {WIDE_M}, c = {GATE_CUTOFF}, "
-    f"θ = {GATE_THRESHOLD}, public prior λ = 1)",
-    "gate-long": f"DP, public-token gate at the paper's T (M = {WIDE_M}, c = {GATE_CUTOFF}, "
-    f"θ = {GATE_THRESHOLD}, λ = 1; T costs no ε under the gate)",
-}
-DP_METHODS = ("paper", "best", "blend", "wide", "gate", "gate-long")
-GATED = ("gate", "gate-long")
-PAPER_T = ("public-long", "gate-long")
-"""Rows whose demonstration length is the paper's T for the task (DBPedia and AGNews: 100
-tokens) instead of the budget rows' T. Declared from the paper, not searched: under the gate
-T costs no ε, and the model-written baseline is reported at the same T for a matched
-comparison."""
-DEFAULT_METHODS = [m for m in METHODS if m not in ("wide", *GATED)]
-"""``all`` minus ``wide`` and the gated rows (M = 128 prompts per demonstration: minutes per
-cell on CPU)."""
-BASELINES = ("zero-shot", "zero-shot-chat", "real", "public", "public-long")
-NO_INF_ROW = ("blend", "gate")
-"""DP rows with no ε = ∞ cell: at ε = ∞ the exponential mechanism is the argmax and ignores the
-prior, so 'blend' would repeat 'best'; 'gate' at ε = ∞ is a noiseless switch between the
-private argmax and public draws, reported once, for 'gate-long', as the gated rows' ceiling."""
+__all__ = [
+    "EvalConfig",
+    "TaskData",
+    "build_plan",
+    "cells_for",
+    "collect",
+    "custom_task",
+    "dp_settings",
+    "eps_key",
+    "load_task",
+    "run_cell",
+    "run_eval",
+    "slice_rows",
+]
 
 
 @dataclass
@@ -343,7 +325,7 @@ def run_eval(cfg: EvalConfig, engine_factory: Callable[[], Any] | None = None) -
     """Run (or resume) the grid; write results.json, results.md and accuracy_vs_epsilon.png.
 
     Several processes may run the same grid on one ``--out`` at once (one per core, say): each
-    claims a cell before computing it (see :mod:`dp_decoding.evaluation.cache`), so they split
+    claims a cell before computing it (see :mod:`evaluation.cache`), so they split
     the grid, and each writes the reports from everything cached when it ends; the last one to
     end writes the complete reports. ``results["cells_pending"]`` counts the grid's cells that
     were still being computed elsewhere (or had failed) when this process wrote them.
@@ -394,7 +376,6 @@ def run_eval(cfg: EvalConfig, engine_factory: Callable[[], Any] | None = None) -
         bar.n = cached()
         bar.refresh()
     bar.close()
-    from dp_decoding.evaluation.report import plot, write_markdown
 
     with cache.locked():
         cache.refresh_locked()

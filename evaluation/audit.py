@@ -32,12 +32,29 @@ from typing import Any
 import numpy as np
 
 from dp_decoding.engines.base import Engine
-from dp_decoding.evaluation.demos import seeded
-from dp_decoding.evaluation.neighbours import neighbour_check
 from dp_decoding.generate import DemoGenerator
 from dp_decoding.plan import make_plan
 from dp_decoding.records import Record, load_jsonl, record_unit
+from evaluation.demos import seeded
+from evaluation.neighbours import neighbour_check
 from prompts import get_task
+
+__all__ = [
+    "ALPHA",
+    "AuditConfig",
+    "COPIES",
+    "DELTA",
+    "NEIGHBOUR_RECORDS",
+    "NGRAM",
+    "best_possible_bound",
+    "canaries_needed",
+    "clopper_pearson",
+    "detect",
+    "epsilon_lower_bound",
+    "make_canaries",
+    "run_audit",
+    "words",
+]
 
 NGRAM = 8
 COPIES = 3
@@ -328,7 +345,7 @@ def run_audit(cfg: AuditConfig, engine: Engine | None = None) -> dict[str, Any]:
 
 
 def _neighbour_arms(engine: Engine, cfg: AuditConfig, pool: list[Record]) -> dict[str, Any]:
-    """The neighbour check (:mod:`dp_decoding.evaluation.neighbours`): the pool's longest
+    """The neighbour check (:mod:`evaluation.neighbours`): the pool's longest
     record added to a few short ones, with the declared padding (must be row-independent) and
     without it (the positive control: must be flagged)."""
     by_len = sorted(pool, key=lambda r: len(r.text))

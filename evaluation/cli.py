@@ -7,8 +7,10 @@ import math
 import sys
 from pathlib import Path
 
-from dp_decoding.evaluation.runner import DEFAULT_METHODS, METHODS
-from dp_decoding.evaluation.tasks import EVAL_TASKS
+from evaluation.methods import DEFAULT_METHODS, METHODS
+from evaluation.tasks import EVAL_TASKS
+
+__all__ = ["cmd_audit", "cmd_eval", "register"]
 
 
 def _floats(text: str) -> list[float]:
@@ -43,7 +45,7 @@ def _ints(text: str) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dp_decoding.evaluation.runner import EvalConfig, run_eval
+    from evaluation.runner import EvalConfig, run_eval
 
     if args.train or args.test:
         if not (args.train and args.test and args.labels):
@@ -122,7 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from dp_decoding.evaluation.audit import AuditConfig, run_audit
+    from evaluation.audit import AuditConfig, run_audit
 
     cfg = AuditConfig(
         data=Path(args.data_dir) / EVAL_TASKS[args.task].train,

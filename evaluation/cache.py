@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+__all__ = ["CLAIM_TTL_SECONDS", "Cache", "cell_key"]
+
 CLAIM_TTL_SECONDS = 6 * 3600.0
 """A claim older than this is ignored even if its owner looks alive (a cell takes minutes; this
 guards against a reused pid or a claim written from another host)."""

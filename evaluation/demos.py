@@ -29,6 +29,16 @@ from dp_decoding.plan import Plan
 from dp_decoding.records import Record
 from prompts import TaskFormat, clean_demonstration, public_generation_prompt
 
+__all__ = [
+    "COPY",
+    "ExtractionDemoGenerator",
+    "dp_demonstrations",
+    "interleave",
+    "public_demonstrations",
+    "real_demonstrations",
+    "seeded",
+]
+
 COPY = "\x00copy-for\x00"
 """Separates a unit id from the target it is copied for (resampled extraction only)."""
 
