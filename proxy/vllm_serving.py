@@ -123,13 +123,13 @@ class PhaseLock:
 def share_engine_lock(engine: Any) -> PhaseLock:
     """The engine's lock, made a :class:`PhaseLock` (once) and returned for serving to share.
 
-    Hook: ``VLLMEngine`` serialises its engine calls with ``with self.lock`` and builds that
-    lock itself (``dp_decoding/engines`` offers no hand-over), so the proxy swaps it from
-    outside: a PhaseLock keeps ``with``/``acquire``/``release`` and adds FIFO hand-over plus a
-    waiter count. It must happen before any job step runs (``create_app`` builds the serving
-    backend before the job runner); a second call returns the same lock."""
+    ``VLLMEngine`` serialises its engine calls with ``with self.lock``; the proxy hands it a
+    PhaseLock through the engine's :meth:`use_lock` (the ``Locking`` capability): it keeps
+    ``with``/``acquire``/``release`` and adds FIFO hand-over plus a waiter count. It must happen
+    before any job step runs (``create_app`` builds the serving backend before the job runner);
+    a second call returns the same lock."""
     if not isinstance(engine.lock, PhaseLock):
-        engine.lock = PhaseLock()
+        engine.use_lock(PhaseLock())
     lock: PhaseLock = engine.lock
     return lock
 

@@ -86,11 +86,18 @@ def test_phase_lock_timeout_and_release_errors() -> None:
 
 
 def test_share_engine_lock_swaps_the_engines_lock_once() -> None:
-    """The hook serving uses: the engine's own lock becomes one PhaseLock, shared thereafter."""
+    """The hook serving uses: the engine is handed one PhaseLock through its ``use_lock``
+    (the Locking capability), shared thereafter."""
     import threading
-    from types import SimpleNamespace
 
-    engine = SimpleNamespace(lock=threading.Lock())
+    class Engine:
+        def __init__(self) -> None:
+            self.lock: object = threading.Lock()
+
+        def use_lock(self, lock: object) -> None:
+            self.lock = lock
+
+    engine = Engine()
     lock = share_engine_lock(engine)
     assert isinstance(lock, PhaseLock) and engine.lock is lock
     assert share_engine_lock(engine) is lock

@@ -137,9 +137,14 @@ class Closable(Protocol):
 
 @runtime_checkable
 class Locking(Protocol):
-    """Serialises its engine calls with ``with self.lock``; a server may swap the lock."""
+    """Serialises its engine calls with ``with self.lock``. A server that interleaves serving
+    and private steps hands its own lock over with :meth:`use_lock` before any engine call."""
 
     lock: AbstractContextManager[Any]
+
+    def use_lock(self, lock: AbstractContextManager[Any]) -> None:
+        """Serialise every later engine call with ``lock`` instead of the engine's own."""
+        ...
 
 
 @runtime_checkable

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +60,12 @@ class EmbeddedEngine(HFTokenizerMixin):
         """The most tokens a row may hold (plans are checked against it before admission)."""
         self.threads = torch.get_num_threads()
         """Fixed at load: every job on this engine runs with the same thread count and dtype."""
-        self.lock = threading.Lock()
+        self.lock: AbstractContextManager[Any] = threading.Lock()
+
+    def use_lock(self, lock: AbstractContextManager[Any]) -> None:
+        """Serialise every later engine call with ``lock`` (a server's shared lock) instead of
+        this engine's own; call it before any engine call (see :class:`engines.base.Locking`)."""
+        self.lock = lock
 
     # -- batches ---------------------------------------------------------------------------
     def start(self, prompts: Sequence[Sequence[int]], *, width: int | None = None) -> EmbeddedBatch:

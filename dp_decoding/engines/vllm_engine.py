@@ -41,6 +41,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -189,7 +190,7 @@ class VLLMEngine(HFTokenizerMixin):
         self.eos_token_ids = self._eos_ids()
         self.pad_token_id = 0  # <|endoftext|>: the left padding of private rows
         self.max_context = int(max_model_len)
-        self.lock = threading.Lock()
+        self.lock: AbstractContextManager[Any] = threading.Lock()
         self._request_keys = itertools.count()
 
     @property
@@ -281,6 +282,11 @@ class VLLMEngine(HFTokenizerMixin):
     @property
     def prefix_caching(self) -> bool:
         return bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
+
+    def use_lock(self, lock: AbstractContextManager[Any]) -> None:
+        """Serialise every later engine call with ``lock`` (a server's shared lock) instead of
+        this engine's own; call it before any engine call (see :class:`engines.base.Locking`)."""
+        self.lock = lock
 
     # -- batches ---------------------------------------------------------------------------
     def pad_row(self, prompt: Sequence[int], width: int | None) -> list[int]:
