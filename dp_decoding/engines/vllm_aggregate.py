@@ -11,7 +11,8 @@ ever travels in them. The mechanism, its OS-entropy generator and the chosen tok
 :class:`AggregationJob`, in this process's memory (the engine core runs in-process,
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), and are looked up by the tag.
 
-Invariants (each tested in ``tests/test_vllm_aggregate.py``):
+Invariants (each tested in ``tests/engines/test_aggregate_routing.py`` and
+``tests/engines/test_vllm_design2.py``):
 - **one noisy selection per (group, position).** Position ``p`` of a group is decided only when
   ``p == len(chosen)``; a row that vLLM reschedules, preempts or recomputes, and so shows up
   again at a decided position, *replays* ``chosen[p]`` and draws nothing;

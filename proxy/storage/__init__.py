@@ -12,7 +12,7 @@
   in one transaction; :mod:`.report`: the budget report.
 
 Storage stores charges; the arithmetic that decides them is :mod:`accountant`'s. Nothing here
-imports ``dp_accounting`` (tests/test_storage_layout.py checks it).
+imports ``dp_accounting`` (tests/proxy/test_storage_layout.py checks it).
 """
 
 __all__: list[str] = []

@@ -11,7 +11,7 @@ from pathlib import Path
 import accountant
 import proxy.store
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def imports(path: Path) -> set[str]:

@@ -438,7 +438,7 @@ def test_proxy_modules_import_no_cycle() -> None:
     """No import cycle among proxy modules (lazy imports inside functions included)."""
     import ast
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     graph: dict[str, set[str]] = {}
     for p in (root / "proxy").rglob("*.py"):
         name = ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")

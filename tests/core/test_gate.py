@@ -24,8 +24,8 @@ from dp_decoding.generate import DemoGenerator
 from dp_decoding.mechanisms import PublicTokenGate, aggregate
 from dp_decoding.plan import PlanError, make_plan
 from prompts import generic_task
+from tests.accountant.test_accounting import binomial_rr_delta
 from tests.fakes import CountingRng, FakeEngine, two_label_records
-from tests.test_accounting import binomial_rr_delta
 
 Z = 5.0
 TRIALS = 20_000

@@ -151,7 +151,7 @@ def test_dataset_counts_records_without_user(store: Store) -> None:
 
 def test_migration_adds_and_fills_records_without_user(db_path: Path) -> None:
     """A database written before the column existed gets it at start-up, filled from the
-    stored records once; the migration is idempotent. (tests/test_migrations.py upgrades a
+    stored records once; the migration is idempotent. (tests/proxy/test_migrations.py upgrades a
     database written by the release itself.)"""
     s = Store(f"sqlite:///{db_path}")
     t, _ = s.create_tenant("t", 8.0, 1e-6)

@@ -30,7 +30,7 @@ from prompts import (
     truncate_words,
 )
 
-DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
+DATA = Path(__file__).parents[2] / ".." / "shared" / "data"
 DATA_DIRS = {
     "agnews": "agnews",
     "dbpedia": "dbpedia",

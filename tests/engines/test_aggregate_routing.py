@@ -3,7 +3,7 @@
 :func:`route_group` is driven with arbitrary schedules (hypothesis): whatever order and
 grouping the engine gives the rows in, every position is decided at most once, only when all M
 rows are at it, and a row at a decided position replays the decided token. The same code on
-real vLLM is tested in ``tests/test_vllm_design2.py``.
+real vLLM is tested in ``tests/engines/test_vllm_design2.py``.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def test_generate_one_demonstration_per_label(shared_data: Path, tmp_path: Path)
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(out.read_text())

@@ -7,7 +7,7 @@ keys, log-probabilities after ``logit_bias``).
 
 The integration tests at the end start a real ``vllm serve`` (CPU build) on a loopback port
 once per module, compare its answers through the upstream engine with the embedded engine
-(tolerances as in tests/test_vllm_engine.py) and run a small DemoGenerator plan through it.
+(tolerances as in tests/engines/test_vllm_engine.py) and run a small DemoGenerator plan through it.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from proxy.storage import ledger
 from proxy.storage.schema import MIGRATIONS, SCHEMA_VERSION
 from proxy.store import Store
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 RELEASE_DB = FIXTURES / "release_abd6ed3.sqlite3"
 RELEASE = json.loads((FIXTURES / "release_abd6ed3.json").read_text())
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"

@@ -1,0 +1,1 @@
+"""Privacy accounting: events, dp_accounting PLD/RDP, calibration, the Rényi filter."""

@@ -1,0 +1,1 @@
+"""The private generation core: slots, rows, plan and its spec, mechanisms, the gate, noise, prompts, generation end to end, the CLI."""

@@ -1,0 +1,1 @@
+"""Engines: embedded, vLLM (step loop and in-engine aggregation), upstream HTTP."""

@@ -1,0 +1,1 @@
+"""dpicl eval and dpicl audit."""
