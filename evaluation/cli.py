@@ -146,7 +146,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if rep["controls_ok"] else 1
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "eval",
         help="reproduce Tang et al.'s table on this engine (accuracy vs ε, baselines)",

@@ -111,7 +111,7 @@ def _run(
     rec = _Recorder(engine)
     script = [int(t) for t in engine.tokenize(SCRIPT_TEXT)]
     gen = DemoGenerator(
-        rec,  # type: ignore[arg-type]
+        rec,
         plan,
         task,
         rng=np.random.default_rng(0),

@@ -52,7 +52,7 @@ def test_bounds() -> None:
 
 
 @pytest.mark.model
-def test_positive_control_leaks_at_infinite_epsilon(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_positive_control_leaks_at_infinite_epsilon(engine, tmp_path: Path) -> None:
     cfg = AuditConfig(
         data=tmp_path / "unused.jsonl",
         task="agnews",
@@ -80,7 +80,7 @@ def test_positive_control_leaks_at_infinite_epsilon(engine, tmp_path: Path) -> N
 @pytest.mark.model
 def test_audit_neighbour_check_and_its_positive_control(
     engine, shared_data, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """`dpicl audit` reports the neighbour check: padded rows are row-independent, and the
     deliberately unpadded run (positive control) is flagged."""
     from dp_decoding.records import load_jsonl

@@ -52,7 +52,7 @@ def test_paper_t_rows_are_matched_and_cost_no_extra_epsilon(tmp_path: Path) -> N
 
 
 @pytest.mark.model
-def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:
     cfg = EvalConfig(
         tasks=["trec"],
         data_dir=shared_data,
@@ -141,7 +141,7 @@ def test_report_only_computes_nothing_and_reports_cached_cells(
     fake.update(epsilon_achieved=1.0, sigma=None, epsilon0=0.1, q=None, steps=15)
     Cache(tmp_path / "cache.json").put(cached, fake)
 
-    def no_engine():  # type: ignore[no-untyped-def]
+    def no_engine():
         raise AssertionError("report-only must not start an engine")
 
     res = run_eval(cfg, engine_factory=no_engine)
@@ -173,7 +173,7 @@ def test_report_rows_scores_a_slice_from_per_row_hits(shared_data: Path, tmp_pat
     old = {"accuracy": 0.5, "calibrated": 0.25, "n": 5, "demonstrations": []}
     cache.put(best, old | {"epsilon_achieved": 1.0, "sigma": None, "epsilon0": 0.1})
 
-    def no_engine():  # type: ignore[no-untyped-def]
+    def no_engine():
         raise AssertionError("report-only must not start an engine")
 
     res = run_eval(cfg, engine_factory=no_engine)

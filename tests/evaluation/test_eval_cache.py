@@ -21,6 +21,13 @@ from evaluation.runner import EvalConfig, cells_for, load_task, run_eval
 from tests.fakes import tiny_eval_config
 
 
+def _by(cache: Cache, cell: dict[str, Any]) -> Any:
+    """The ``by`` field of the cell's cached result (which must be there)."""
+    got = cache.get(cell)
+    assert got is not None
+    return got["by"]
+
+
 def _cell(i: int) -> dict[str, Any]:
     return {"task": "t", "method": "m", "seed": i}
 
@@ -55,9 +62,9 @@ def test_two_views_of_one_file_lose_no_cell_and_the_first_result_wins(tmp_path: 
     b.put(_cell(0), _result("b"))  # a result for cell 0 is already on disk: it stays
     fresh = Cache(path)
     assert len(fresh) == 2
-    assert fresh.get(_cell(0))["by"] == "a" and fresh.get(_cell(1))["by"] == "b"
+    assert _by(fresh, _cell(0)) == "a" and _by(fresh, _cell(1)) == "b"
     a.refresh()
-    assert a.get(_cell(1))["by"] == "b"
+    assert _by(a, _cell(1)) == "b"
 
 
 def test_a_live_claim_is_respected_and_a_dead_or_stale_one_is_not(tmp_path: Path) -> None:
@@ -86,7 +93,7 @@ def test_merge_from_imports_missing_cells_and_keeps_existing_ones(tmp_path: Path
     other.put(_cell(1), _result("there"))
     cache = Cache(here / "cache.json")
     assert cache.merge_from([there]) == 1
-    assert cache.get(_cell(0))["by"] == "here" and cache.get(_cell(1))["by"] == "there"
+    assert _by(cache, _cell(0)) == "here" and _by(cache, _cell(1)) == "there"
     with pytest.raises(FileNotFoundError):
         cache.merge_from([tmp_path / "nowhere"])
 
@@ -123,7 +130,7 @@ def test_cells_claimed_elsewhere_are_skipped_and_reported_pending(
 
 
 def _worker(cfg: EvalConfig) -> None:
-    runner.run_cell = _fake_run_cell  # type: ignore[assignment]
+    runner.run_cell = _fake_run_cell
     res = run_eval(cfg, engine_factory=lambda: object())
     (cfg.out / f"computed-{os.getpid()}.json").write_text(
         json.dumps(res["cells_computed_this_sitting"])
