@@ -16,9 +16,9 @@ import pytest
 from accountant import DEFAULT_ORDERS, JobEvent, rdp_curve
 from accountant.filter import curve_value
 from proxy.store import BudgetExceeded, StorageError, Store
+from tests.proxy.conftest import PG_URL
 
 K = 3
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def event_for_exactly(store: Store, tenant_id: str, k: int) -> JobEvent:
@@ -168,22 +168,6 @@ def test_sqlite_processes_admit_exactly_k(tmp_path: Path) -> None:
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------
-
-
-@pytest.fixture()
-def pg_schema():
-    """A fresh schema per test, dropped afterwards; skip when PostgreSQL is unreachable."""
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
-    except psycopg.Error:
-        pytest.skip("PostgreSQL is not reachable at " + PG_URL)
-    schema = f"dpicl_test_{secrets.token_hex(6)}"
-    try:
-        yield schema
-    finally:
-        admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        admin.close()
 
 
 def test_postgresql_processes_admit_exactly_k(pg_schema: str) -> None:

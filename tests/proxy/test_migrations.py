@@ -7,7 +7,6 @@ keeps growing on the old chain. The same path is checked on PostgreSQL."""
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import sqlite3
 from pathlib import Path
@@ -21,11 +20,12 @@ from proxy.db import Database, StorageError
 from proxy.storage import ledger
 from proxy.storage.schema import MIGRATIONS, SCHEMA_VERSION
 from proxy.store import Store
+from tests.proxy.conftest import PG_URL
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 RELEASE_DB = FIXTURES / "release_abd6ed3.sqlite3"
 RELEASE = json.loads((FIXTURES / "release_abd6ed3.json").read_text())
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
 TABLES = ("tenants", "api_keys", "datasets", "jobs", "ledger")
 
 
@@ -178,22 +178,6 @@ def test_database_from_a_newer_release_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(StorageError, match="newer"):
         Store(url)
-
-
-@pytest.fixture()
-def pg_schema():
-    """A fresh schema per test, dropped afterwards; skip when PostgreSQL is unreachable."""
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
-    except psycopg.Error:
-        pytest.skip("PostgreSQL is not reachable at " + PG_URL)
-    schema = f"dpicl_test_{secrets.token_hex(6)}"
-    try:
-        yield schema
-    finally:
-        admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        admin.close()
 
 
 def test_release_postgresql_database_upgrades_in_place(pg_schema: str) -> None:
