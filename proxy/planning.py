@@ -17,7 +17,7 @@ is charged for a plan that cannot run.
 
 from __future__ import annotations
 
-from dp_decoding.engines.base import Engine
+from dp_decoding.engines.base import Engine, context_limit
 from dp_decoding.plan import Plan, PlanError, make_plan
 from dp_decoding.plan_spec import plan_kwargs_from_request
 from dp_decoding.rows import check_context
@@ -91,7 +91,7 @@ def plan_for(
         # the declared worst-case row must fit the engine: whether a job fails can then
         # never depend on how long the private records are
         task = generic_task(plan.labels) if plan.task == "generic" else get_task(plan.task)
-        check_context(plan, task, engine.tokenize, getattr(engine, "max_context", None))
+        check_context(plan, task, engine.tokenize, context_limit(engine))
         return plan
     except PlanError as exc:
         raise APIError(400, str(exc), param=None, code="invalid_plan") from None

@@ -169,3 +169,17 @@ def check_prompts(prompts: Sequence[Sequence[int]], width: int | None) -> None:
         raise ValueError("every prompt needs at least one token")
     if width is not None and any(len(p) > width for p in prompts):
         raise ValueError("a prompt is longer than the batch's declared width")
+
+
+def left_pad(prompt: Sequence[int], width: int | None, pad_id: int) -> list[int]:
+    """``prompt`` left-padded with ``pad_id`` to ``width`` tokens (unchanged for None).
+
+    For engines with no attention mask for a prompt (vLLM, an upstream server) the padding is
+    real context: the row's distribution then depends on its own length (its own records,
+    nothing else), and every row of a private call has the same length, so shapes, waves and
+    scheduling are declared. A longer prompt is refused (the message carries no length)."""
+    if width is None:
+        return list(prompt)
+    if len(prompt) > width:
+        raise ValueError("a prompt is longer than the batch's declared width")
+    return [pad_id] * (width - len(prompt)) + list(prompt)

@@ -71,7 +71,7 @@ from typing import Any, Literal, cast
 import httpx
 import numpy as np
 
-from dp_decoding.engines.base import check_prompts
+from dp_decoding.engines.base import check_prompts, left_pad
 from dp_decoding.engines.resubmitted_rows import ResubmittedRows
 from dp_decoding.engines.upstream_tokenizers import load_tokenizer
 
@@ -235,7 +235,7 @@ class UpstreamEngine:
         remote server batches them with other traffic is outside this process (README)."""
         check_prompts(prompts, width)
         pad = min(self.eos_token_ids)
-        rows = [[pad] * (0 if width is None else width - len(p)) + list(p) for p in prompts]
+        rows = [left_pad(p, width, pad) for p in prompts]
         return UpstreamBatch(self, rows, cache_salt or secrets.token_urlsafe(32), public)
 
     # -- HTTP ----------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from dp_decoding.engines.base import check_prompts
+from dp_decoding.engines.base import check_prompts, left_pad
 from dp_decoding.engines.dtype import default_dtype
 from dp_decoding.engines.hf_tokenizer import HFTokenizerMixin
 from dp_decoding.engines.model_files import MODEL_NAME, ensure_model_dir
@@ -222,7 +222,8 @@ class VLLMEngine(HFTokenizerMixin):
         ``groups[g]`` holds the M private prompts of generation ``g``; ``choose(scores)`` is
         the mechanism's single noisy draw (its generator stays in this process); ``prefixes``
         (optional) are already released tokens appended to every row of a group; ``width``
-        pads every prompt to that many tokens (:meth:`pad_row`) so that waves and scheduling
+        pads every prompt to that many tokens (:func:`~dp_decoding.engines.base.left_pad`) so
+        that waves and scheduling
         depend on the declared width only. Returns per
         group the tokens chosen by this call; a group whose rows were not scheduled in lockstep
         comes back with ``broken_at`` set and must be continued by the step loop.
@@ -233,7 +234,8 @@ class VLLMEngine(HFTokenizerMixin):
         rows_cap, toks_cap = self.step_capacity
         out: list[GroupResult | None] = [None] * len(groups)
         full = [
-            [self.pad_row(p, width) + list(prefixes[gi]) for p in g] for gi, g in enumerate(groups)
+            [left_pad(p, width, self.pad_token_id) + list(prefixes[gi]) for p in g]
+            for gi, g in enumerate(groups)
         ]
         for wave in plan_waves(full, rows_cap, toks_cap):
             budget = [max_tokens - len(prefixes[gi]) for gi in wave]
@@ -289,18 +291,6 @@ class VLLMEngine(HFTokenizerMixin):
         self.lock = lock
 
     # -- batches ---------------------------------------------------------------------------
-    def pad_row(self, prompt: Sequence[int], width: int | None) -> list[int]:
-        """``prompt`` left-padded to ``width`` tokens with ``<|endoftext|>``.
-
-        vLLM has no attention mask for a prompt, so the padding is real context: the row's
-        distribution depends on its own length (its own record, nothing else), and every row of
-        a private call has the same length, so shapes, waves and scheduling are declared."""
-        if width is None:
-            return list(prompt)
-        if len(prompt) > width:
-            raise ValueError("a prompt is longer than the batch's declared width")
-        return [self.pad_token_id] * (width - len(prompt)) + list(prompt)
-
     def start(
         self,
         prompts: Sequence[Sequence[int]],
@@ -310,9 +300,9 @@ class VLLMEngine(HFTokenizerMixin):
     ) -> VLLMBatch:
         """A batch of rows. Without ``cache_salt`` every row gets its own fresh random salt
         (private batches: no row hits another row's prefix blocks); ``width`` pads every row
-        to that many tokens (:meth:`pad_row`)."""
+        to that many tokens (:func:`~dp_decoding.engines.base.left_pad`)."""
         check_prompts(prompts, width)
-        rows = [self.pad_row(p, width) for p in prompts]
+        rows = [left_pad(p, width, self.pad_token_id) for p in prompts]
         salts = (
             [cache_salt] * len(rows)
             if cache_salt is not None
