@@ -21,6 +21,7 @@ __all__ = [
     "CountingRng",
     "FakeBatch",
     "FakeEngine",
+    "admit_plan",
     "tiny_eval_config",
     "two_label_records",
 ]
@@ -59,4 +60,17 @@ def tiny_eval_config(data_dir: Path, out: Path, **kw: Any) -> Any:
     base: dict[str, Any] = {"seeds": 1, "test_rows": 5, "shots": [4], "quiet": True}
     return EvalConfig(
         tasks=["trec"], data_dir=data_dir, epsilons=[1.0, math.inf], out=out, **{**base, **kw}
+    )
+
+
+def admit_plan(store: Any, tenant_id: str, plan: Any, **kw: Any) -> tuple[Any, bool]:
+    """``store.admit_job`` for ``plan`` as the server calls it: the stored plan, its event, its
+    ε and δ; ``kw`` gives the rest (``name``, ``dataset_id``, ...)."""
+    return store.admit_job(
+        tenant_id,
+        plan=plan.to_dict(),
+        event=plan.event(),
+        epsilon=plan.epsilon(),
+        delta=plan.delta,
+        **kw,
     )

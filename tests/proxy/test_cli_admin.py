@@ -9,6 +9,7 @@ from pathlib import Path
 from devtools.server import dpicl
 from dp_decoding.plan import make_plan
 from proxy.store import Store
+from tests.fakes import admit_plan
 
 
 def test_tenant_create_and_ledger_verify(tmp_path: Path) -> None:
@@ -28,15 +29,7 @@ def test_tenant_create_and_ledger_verify(tmp_path: Path) -> None:
     assert api_key is not None and api_key.scope == "admin"
     ds = store.create_dataset(api_key.tenant_id, "d", [{"text": "t", "label": "a"}])
     plan = make_plan(labels=["a"], epsilon=1.0, max_tokens=4)
-    store.admit_job(
-        api_key.tenant_id,
-        name="j",
-        dataset_id=ds.id,
-        plan=plan.to_dict(),
-        event=plan.event(),
-        epsilon=plan.epsilon(),
-        delta=plan.delta,
-    )
+    admit_plan(store, api_key.tenant_id, plan, name="j", dataset_id=ds.id)
     store.close()
     ok = dpicl("ledger", "verify", "--db", db, check=False)
     assert ok.returncode == 0 and '"ok": true' in ok.stdout

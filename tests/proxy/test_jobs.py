@@ -9,7 +9,7 @@ from pathlib import Path
 from dp_decoding.plan import make_plan
 from proxy.jobs import DATASET_DELETED, USER_ID_MISSING, JobRunner
 from proxy.store import Store
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, admit_plan
 
 ROWS = [{"text": f"private {i}", "label": "ab"[i % 2], "user": f"u{i}"} for i in range(6)]
 
@@ -21,15 +21,7 @@ def _admit_and_run(tmp_path: Path, rows: list[dict], privacy_unit: str, delete: 
     plan = make_plan(
         labels=["a", "b"], epsilon=1.0, max_tokens=2, prompts=2, privacy_unit=privacy_unit
     )
-    job, created = store.admit_job(
-        tenant.id,
-        name="j",
-        dataset_id=ds.id,
-        plan=plan.to_dict(),
-        event=plan.event(),
-        epsilon=plan.epsilon(),
-        delta=plan.delta,
-    )
+    job, created = admit_plan(store, tenant.id, plan, name="j", dataset_id=ds.id)
     assert created
     if delete:
         assert store.delete_dataset(tenant.id, ds.id)

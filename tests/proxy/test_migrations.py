@@ -20,6 +20,7 @@ from proxy.db import Database, StorageError
 from proxy.storage import ledger
 from proxy.storage.schema import MIGRATIONS, SCHEMA_VERSION
 from proxy.store import Store
+from tests.fakes import admit_plan
 from tests.proxy.conftest import PG_URL
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -77,15 +78,7 @@ def admit_more(store: Store) -> None:
     head = store.ledger_rows(tenant_id)[-1]
     ds = store.create_dataset(tenant_id, "after-upgrade", [{"text": "t", "label": "a"}])
     plan = make_plan(labels=["a", "b"], epsilon=0.5, delta=1e-7, max_tokens=8)
-    job, created = store.admit_job(
-        tenant_id,
-        name="after-upgrade",
-        dataset_id=ds.id,
-        plan=plan.to_dict(),
-        event=plan.event(),
-        epsilon=plan.epsilon(),
-        delta=plan.delta,
-    )
+    job, created = admit_plan(store, tenant_id, plan, name="after-upgrade", dataset_id=ds.id)
     assert created
     new = store.ledger_rows(tenant_id)[-1]
     assert new["seq"] == head["seq"] + 1 and new["prev_hash"] == head["hash"]
@@ -147,10 +140,7 @@ def test_unversioned_database_with_the_column_is_stamped_at_2(tmp_path: Path) ->
     t, _ = store.create_tenant("t", 8.0, 1e-6)
     store.create_dataset(t.id, "d", [{"text": "x", "label": "a"}])
     plan = make_plan(labels=["a", "b"], epsilon=1.0, delta=1e-7, max_tokens=8)
-    store.admit_job(
-        t.id, name="j", dataset_id=None, plan=plan.to_dict(), event=plan.event(),
-        epsilon=plan.epsilon(), delta=plan.delta,
-    )  # fmt: skip
+    admit_plan(store, t.id, plan, name="j", dataset_id=None)
     store.close()
     conn = sqlite3.connect(path)
     conn.execute("DROP TABLE schema_version")
