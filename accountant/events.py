@@ -48,9 +48,10 @@ class JobEvent:
     * ``steps`` is an int >= 1: the number of sequentially composed noisy selections.
     * gaussian: ``noise_multiplier`` (noise std / L2 sensitivity) is a finite float > 0 and
       ``epsilon0`` is None.
-    * exponential: ``epsilon0`` (per-step ε of the exponential mechanism with per-coordinate
-      sensitivity 1, sampling ∝ exp(ε0·s/2)) is a finite float > 0 and ``noise_multiplier`` is
-      None.
+    * exponential: ``epsilon0`` (per-step ε of an ε0-bounded-range selection: the exponential
+      mechanism with per-coordinate sensitivity 1, sampling ∝ exp(ε0·s/2), or the clipped
+      log-probability mechanism at ε0 = 4C/(Mτ)) is a finite float > 0 and
+      ``noise_multiplier`` is None.
     * resampled: ``q`` (Poisson sampling probability per step) is in (0, 1]; fixed: ``q`` is
       None.
     * ``gated`` (exponential, fixed only): the public-token gate. Each of the ``steps`` rounds

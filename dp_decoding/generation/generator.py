@@ -40,7 +40,7 @@ from dp_decoding.generation.groups import (
 )
 from dp_decoding.generation.in_engine import InEngineStrategy
 from dp_decoding.generation.resampled import ResampledStrategy
-from dp_decoding.mechanisms import Mechanism, aggregate
+from dp_decoding.mechanisms import Mechanism, RowMechanism, aggregate
 from dp_decoding.noise import NoiseSource, new_job_key, os_entropy_rng
 from dp_decoding.plan import Plan
 from dp_decoding.records import Record
@@ -89,6 +89,8 @@ class DemoGenerator:
         self.dedupe = dedupe
         self.fallback_groups = 0  # in-engine groups continued by the step loop (lockstep broke)
         self.mechanism: Mechanism = plan.mechanism_obj()
+        self.row_mechanism = self.mechanism if isinstance(self.mechanism, RowMechanism) else None
+        """Set when the mechanism reads the rows and the public row itself (clipped)."""
         self.gate = plan.gate_obj()
         self.decision: Decision = (
             Selection(self) if self.gate is None else GateDecision(self, self.gate)
@@ -149,11 +151,15 @@ class DemoGenerator:
         able = isinstance(engine, InEngineAggregation) and engine.supports_in_engine_aggregation
         if self.in_engine and not able:
             raise ValueError("this engine has no in-engine aggregation (use the vllm engine)")
-        if self.in_engine and self.plan.candidates == "public-topk":
-            raise ValueError("in-engine aggregation needs candidates 'all' or a declared list")
+        public = self.plan.candidates == "public-topk" or self.row_mechanism is not None
+        if self.in_engine and public:
+            raise ValueError(
+                "in-engine aggregation needs candidates 'all' or a declared list, and a "
+                "mechanism that reads no public row"
+            )
         if self.in_engine is False:
             return False
-        return able and self.plan.candidates != "public-topk"
+        return able and not public
 
     # -- prompts ---------------------------------------------------------------------------
     def _prompt_ids(self, label: str, members: Sequence[Record]) -> list[int]:
@@ -168,7 +174,7 @@ class DemoGenerator:
         return self.engine.start(rows, width=self.width + released)
 
     def _start_public(self, wave: list[Group]) -> Batch | None:
-        if self.plan.candidates != "public-topk":
+        if self.plan.candidates != "public-topk" and self.row_mechanism is None:
             return None
         prompts = [g.public + g.generated for g in wave]
         if isinstance(self.engine, PublicBatches) and self.engine.marks_public_batches:
@@ -205,8 +211,11 @@ class DemoGenerator:
             base = np.asarray(plan.candidate_token_ids, dtype=np.int64)
         else:
             assert public_lp is not None and plan.top_k is not None
-            k = min(plan.top_k, public_lp.shape[-1])
-            base = np.argpartition(-public_lp, k - 1)[:k]
+            if self.row_mechanism is not None:  # its own set from the public row (top-k+)
+                base = self.row_mechanism.candidates(public_lp)
+            else:
+                k = min(plan.top_k, public_lp.shape[-1])
+                base = np.argpartition(-public_lp, k - 1)[:k]
         stops = np.fromiter(self._stop_ids, dtype=np.int64)
         return np.unique(np.concatenate([base, stops]))
 
@@ -242,7 +251,11 @@ class DemoGenerator:
         """Exactly one noisy selection for one (demonstration, position); ``lp`` holds the M
         prompts' log-probabilities of ``cand`` (or of the whole vocabulary when None); ``pub``
         is the public prompt's full-vocabulary log-probabilities (the mechanism's public
-        prior when the plan declares one; never private)."""
+        prior when the plan declares one, a row mechanism's public row; never private)."""
+        if self.row_mechanism is not None:
+            assert pub is not None
+            idx = self.row_mechanism.select_rows(lp, pub if cand is None else pub[cand], self.rng)
+            return int(idx if cand is None else cand[idx])
         return self._pick(aggregate(lp), cand, pub)
 
     def _pick(self, scores: np.ndarray, cand: np.ndarray | None, pub: np.ndarray | None) -> int:

@@ -45,6 +45,25 @@ class Mechanism(Protocol):
         ...
 
 
+@runtime_checkable
+class RowMechanism(Mechanism, Protocol):
+    """A mechanism that reads the rows themselves: the M private rows' log-probabilities and
+    the public row's (the data-free public prompt's, from its own engine call), and chooses
+    its candidate set from the public row alone. The generation loop starts the public prompt
+    for it whatever the plan's candidates, and calls :meth:`select_rows` instead of
+    ``select`` (which such a mechanism refuses)."""
+
+    def candidates(self, public_logprobs: np.ndarray) -> np.ndarray:
+        """Candidate ids from the public row's full-vocabulary log-probabilities (the plan's
+        public top-k, widened as the mechanism needs)."""
+        ...
+
+    def select_rows(self, logprobs: np.ndarray, public: np.ndarray, rng: NoiseSource) -> int:
+        """Index of the chosen column; ``logprobs`` ``[M, K]`` private rows, ``public`` ``[K]``
+        the public row over the same columns. Exactly one noisy draw."""
+        ...
+
+
 class PlanNoise(Protocol):
     """The plan fields a spec builds its sampler from (:class:`dp_decoding.plan.Plan` has
     them; typed structurally so that mechanisms never import the plan)."""
@@ -57,6 +76,12 @@ class PlanNoise(Protocol):
 
     @property
     def public_prior(self) -> float: ...
+
+    @property
+    def M(self) -> int: ...
+
+    @property
+    def top_k(self) -> int | None: ...
 
 
 Calibrator = Callable[[str, int, float, float, float | None, bool], dict[str, Any]]

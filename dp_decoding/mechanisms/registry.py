@@ -8,10 +8,10 @@ registration is the order names are listed in (CLI choices, error messages).
 
 from __future__ import annotations
 
-from dp_decoding.mechanisms import exponential, gaussian
+from dp_decoding.mechanisms import clipped, exponential, gaussian
 from dp_decoding.mechanisms.base import MechanismSpec
 
-_BUILTIN: tuple[MechanismSpec, ...] = (gaussian.SPEC, exponential.SPEC)
+_BUILTIN: tuple[MechanismSpec, ...] = (gaussian.SPEC, exponential.SPEC, clipped.SPEC)
 
 _REGISTRY: dict[str, MechanismSpec] = {spec.name: spec for spec in _BUILTIN}
 

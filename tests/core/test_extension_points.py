@@ -232,8 +232,8 @@ def test_options_follow_the_spec_not_the_name(toy_mechanism: MechanismSpec) -> N
 
 
 def test_registry_cleans_up_and_refuses_unknown_names() -> None:
-    assert registry.names() == ("gaussian", "exponential")
-    with pytest.raises(PlanError, match="mechanism must be gaussian or exponential"):
+    assert registry.names() == ("gaussian", "exponential", "clipped")
+    with pytest.raises(PlanError, match="mechanism must be gaussian, exponential or clipped"):
         make_plan(labels=["A"], mechanism="toy-noisy-max")
     with pytest.raises(ValueError, match="already registered"):
         registry.register(registry.get("gaussian"))
