@@ -1,7 +1,10 @@
 """The privacy officer's view of a tenant's budget (:meth:`proxy.store.Store.budget`).
 
-Invariant: reading only. The figures are computed by :mod:`accountant` from the charges the
-ledger holds, in one consistent snapshot of the tenant row and its ledger rows.
+Invariants: reading only. The figures are computed by :mod:`accountant` from the tenant's
+budget summary (:mod:`.summary`: the additive part of every charge, maintained at admission
+and trusted only when it covers the tenant's ledger head, else recomputed from the rows), in
+one consistent snapshot of the tenant row, its summary and its latest ledger rows; the time
+does not grow with the ledger (the ``charges`` list is the most recent ones, bounded).
 """
 
 from __future__ import annotations
@@ -9,15 +12,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from accountant import JobEvent, compose_pld_epsilon, largest_admissible, rdp_composed_epsilon
+from accountant import JobEvent, largest_admissible
 
 from ..db import Database
+from . import summary
 from .admission import default_reference, tenant_filter
 from .codec import loads
 from .models import tenant_from_row
 from .tenants import tenant_row
 
-__all__ = ["budget_report"]
+__all__ = ["DEFAULT_CHARGES", "MAX_CHARGES", "budget_report"]
+
+DEFAULT_CHARGES = 100
+"""How many of the latest charges the report lists by default."""
+MAX_CHARGES = 1000
+"""The most it lists on request (the whole ledger is ``dpicl ledger verify``'s to read)."""
 
 
 def _charge(r: dict[str, Any]) -> dict[str, Any]:
@@ -33,30 +42,35 @@ def _charge(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def budget_report(
-    db: Database, tenant_id: str, reference: Callable[[float], JobEvent] | None
+    db: Database,
+    tenant_id: str,
+    reference: Callable[[float], JobEvent] | None,
+    charges: int = DEFAULT_CHARGES,
 ) -> dict[str, Any] | None:
     """See :meth:`proxy.store.Store.budget`; None for an unknown tenant."""
+    if not 0 <= charges <= MAX_CHARGES:
+        raise ValueError(f"charges must be in [0, {MAX_CHARGES}]")
     with db.transaction() as tx:
         row = tenant_row(tx, tenant_id)
         if row is None:
             return None
-        ledger = tx.execute(
+        spend = summary.current(tx, row)
+        latest = tx.execute(
             "SELECT l.*, j.name AS job_name FROM ledger l "
             "LEFT JOIN jobs j ON j.id = l.job_id AND j.tenant_id = l.tenant_id "
-            "WHERE l.tenant_id = ? ORDER BY l.seq",
-            (tenant_id,),
+            "WHERE l.tenant_id = ? ORDER BY l.seq DESC LIMIT ?",
+            (tenant_id, charges),
         ).rows
     tenant = tenant_from_row(row)
-    events = [JobEvent.from_dict(loads(r["event"], "ledger.event")) for r in ledger]
     spent = float(row["spent_at_order"])
     return {
         "tenant_id": tenant.id,
         "epsilon_limit": tenant.epsilon,
         "delta": tenant.delta,
-        "epsilon_spent": rdp_composed_epsilon(events, tenant.delta),
-        "epsilon_spent_pld": compose_pld_epsilon(events, tenant.delta),
-        "epsilon_spent_naive": float(sum(float(r["epsilon"]) for r in ledger)),
-        "delta_spent_naive": float(sum(float(r["delta"]) for r in ledger)),
+        "epsilon_spent": spend.epsilon_rdp(tenant.delta),
+        "epsilon_spent_pld": spend.epsilon_pld(tenant.delta),
+        "epsilon_spent_naive": spend.epsilon_naive,
+        "delta_spent_naive": spend.delta_naive,
         "largest_admissible_epsilon": largest_admissible(
             [tenant_filter(row)], reference or default_reference(tenant.delta), tenant.epsilon
         ),
@@ -67,5 +81,6 @@ def budget_report(
             "rdp_budget": tenant.rdp_budget,
             "rdp_spent": spent,
         },
-        "charges": [_charge(r) for r in ledger],
+        "charges_total": spend.count,
+        "charges": [_charge(r) for r in reversed(latest)],
     }
