@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Query
 from proxy.auth import require_admin
 from proxy.context import AppContext, get_context
 from proxy.schemas import KeyRequest
-from proxy.store import DEFAULT_CHARGES, MAX_CHARGES, ApiKey, default_reference_event
+from proxy.store import DEFAULT_CHARGES, MAX_CHARGES, ApiKey
 
 __all__ = ["EPSILON_SPENT_NOTE", "router"]
 
@@ -37,11 +37,9 @@ def budget(
     store = context.store
     tenant = store.get_tenant(key.tenant_id)
     assert tenant is not None  # the key's tenant exists (keys.tenant_id REFERENCES tenants)
-    out = store.budget(
-        key.tenant_id,
-        reference=lambda eps: default_reference_event(eps, tenant.delta),
-        charges=charges,
-    )
+    # reference=None: the default shape at the tenant's δ (default_reference_event), whose
+    # largest admissible ε the store caches by the tenant's spend
+    out = store.budget(key.tenant_id, charges=charges)
     assert out is not None  # None only for an unknown tenant
     context.metrics.epsilon_spent.labels(key.tenant_id).set(out["epsilon_spent"])
     return {

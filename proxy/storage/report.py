@@ -5,14 +5,17 @@ budget summary (:mod:`.summary`: the additive part of every charge, maintained a
 and trusted only when it covers the tenant's ledger head, else recomputed from the rows), in
 one consistent snapshot of the tenant row, its summary and its latest ledger rows; the time
 does not grow with the ledger (the ``charges`` list is the most recent ones, bounded).
+``largest_admissible_epsilon`` for the default reference shape is cached in-process by the
+tenant filter's state (ε, δ, order, budget, running spend), which moves only with the head.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
-from accountant import JobEvent, largest_admissible
+from accountant import Filter, JobEvent, RenyiBudget, largest_admissible
 
 from ..db import Database
 from . import summary
@@ -39,6 +42,23 @@ def _charge(r: dict[str, Any]) -> dict[str, Any]:
         "rdp_at_order": float(r["rdp_at_order"]),
         "created": float(r["created"]),
     }
+
+
+@functools.lru_cache(maxsize=1024)
+def _largest_default(
+    epsilon: float, delta: float, order: float, budget: float, spent: float
+) -> float:
+    """:func:`largest_admissible` of the default reference shape for one tenant filter state."""
+    tenant = Filter("tenant", RenyiBudget(epsilon, delta, order, budget), spent)
+    return largest_admissible([tenant], default_reference(delta), epsilon)
+
+
+def _largest(row: dict[str, Any], reference: Callable[[float], JobEvent] | None) -> float:
+    f = tenant_filter(row)
+    if reference is None:
+        b = f.budget
+        return _largest_default(b.epsilon, b.delta, b.order, b.rdp_budget, f.spent)
+    return largest_admissible([f], reference, f.budget.epsilon)
 
 
 def budget_report(
@@ -71,9 +91,7 @@ def budget_report(
         "epsilon_spent_pld": spend.epsilon_pld(tenant.delta),
         "epsilon_spent_naive": spend.epsilon_naive,
         "delta_spent_naive": spend.delta_naive,
-        "largest_admissible_epsilon": largest_admissible(
-            [tenant_filter(row)], reference or default_reference(tenant.delta), tenant.epsilon
-        ),
+        "largest_admissible_epsilon": _largest(row, reference),
         "filter": {
             "theorem": "Feldman & Zrnic 2021, Thm 3.1 (single fixed order)",
             "conversion": "Canonne, Kamath & Steinke 2020, Prop. 12",

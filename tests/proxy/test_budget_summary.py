@@ -191,3 +191,17 @@ def test_spend_summary_round_trips_exactly_and_matches_the_composition() -> None
     assert SpendSummary.from_json(enc["rdp"], enc["groups"], 0.0, 0.0, 1) == with_inf
     with pytest.raises(ValueError):
         SpendSummary.from_json('["0x1p0"]', "[]", 0.0, 0.0, 1)
+
+
+def test_cached_largest_admissible_equals_the_direct_computation(tmp_path: Path) -> None:
+    from proxy.store import default_reference_event
+
+    store = Store(f"sqlite:///{tmp_path / 'cache.db'}")
+    tenant, _ = store.create_tenant("t", 8.0, 1e-6)
+    for n in range(3):
+        direct = store.budget(tenant.id, reference=lambda e: default_reference_event(e, 1e-6))
+        cached = store.budget(tenant.id)
+        assert direct is not None and cached is not None
+        assert cached["largest_admissible_epsilon"] == direct["largest_admissible_epsilon"]
+        assert admit(store, tenant.id, EVENTS[n], f"r{n}")
+    store.close()
