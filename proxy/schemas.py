@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from dp_decoding.mechanisms import registry as mechanisms
 from dp_decoding.plan_spec import api_field
@@ -65,7 +66,11 @@ class _Sampling(_Body):
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list):
             if len(v) > CEILINGS["stop_sequences"]:
-                raise ValueError(f"at most {CEILINGS['stop_sequences']} stop sequences")
+                raise PydanticCustomError(
+                    "limit_exceeded",
+                    "at most {limit} stop sequences",
+                    {"limit": CEILINGS["stop_sequences"]},
+                )
             if any(not s for s in v):
                 raise ValueError("stop sequences must be non-empty")
         return v

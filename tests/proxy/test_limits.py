@@ -143,7 +143,7 @@ def oversized_fields(server: dict[str, Any]) -> None:
             "context_length_exceeded",
             "messages",
         ),
-        ("/v1/chat/completions", chat(max_tokens=8000), 400, None, "max_tokens"),
+        ("/v1/chat/completions", chat(max_tokens=8000), 400, "limit_exceeded", "max_tokens"),
         (
             "/v1/chat/completions",
             chat(messages=[{"role": "user", "content": MARK + " hello" * 5000}], max_tokens=4096),
@@ -151,10 +151,22 @@ def oversized_fields(server: dict[str, Any]) -> None:
             "context_length_exceeded",
             "max_tokens",
         ),
-        ("/v1/chat/completions", chat(n=64), 400, None, "n"),
-        ("/v1/chat/completions", chat(stop=["a", "b", "c", "d", "e"]), 400, None, "stop"),
+        ("/v1/chat/completions", chat(n=64), 400, "limit_exceeded", "n"),
+        (
+            "/v1/chat/completions",
+            chat(stop=["a", "b", "c", "d", "e"]),
+            400,
+            "limit_exceeded",
+            "stop",
+        ),
         ("/v1/chat/completions", chat(stop=[MARK + "s" * 1000]), 400, "limit_exceeded", "stop"),
-        ("/v1/chat/completions", chat(logprobs=True, top_logprobs=50), 400, None, "top_logprobs"),
+        (
+            "/v1/chat/completions",
+            chat(logprobs=True, top_logprobs=50),
+            400,
+            "limit_exceeded",
+            "top_logprobs",
+        ),
         (
             "/v1/completions",
             {"model": BASE, "prompt": MARK + "p" * (limits.max_prompt_chars + 1)},
@@ -162,7 +174,13 @@ def oversized_fields(server: dict[str, Any]) -> None:
             "prompt_too_long",
             "prompt",
         ),
-        ("/v1/completions", {"model": BASE, "prompt": "hi", "logprobs": 9}, 400, None, "logprobs"),
+        (
+            "/v1/completions",
+            {"model": BASE, "prompt": "hi", "logprobs": 9},
+            400,
+            "limit_exceeded",
+            "logprobs",
+        ),
     ]
     with http(server) as c:
         for path, body, status, code, param in cases:
