@@ -75,11 +75,15 @@ def budget_report(
         if row is None:
             return None
         spend = summary.current(tx, row)
+        # the latest rows by their seq range (seq runs 1..ledger_count), so only those are
+        # read and joined: PostgreSQL would otherwise join every row before the LIMIT
+        first = int(row["ledger_count"]) - charges
         latest = tx.execute(
-            "SELECT l.*, j.name AS job_name FROM ledger l "
+            "SELECT l.job_id, l.epsilon, l.delta, l.event, l.rdp_at_order, l.created, "
+            "j.name AS job_name FROM ledger l "
             "LEFT JOIN jobs j ON j.id = l.job_id AND j.tenant_id = l.tenant_id "
-            "WHERE l.tenant_id = ? ORDER BY l.seq DESC LIMIT ?",
-            (tenant_id, charges),
+            "WHERE l.tenant_id = ? AND l.seq > ? ORDER BY l.seq LIMIT ?",
+            (tenant_id, first, charges),
         ).rows
     tenant = tenant_from_row(row)
     spent = float(row["spent_at_order"])
@@ -100,5 +104,5 @@ def budget_report(
             "rdp_spent": spent,
         },
         "charges_total": spend.count,
-        "charges": [_charge(r) for r in reversed(latest)],
+        "charges": [_charge(r) for r in latest],
     }
