@@ -5,7 +5,8 @@ A generation job declares one :class:`JobEvent` (its dominating privacy event); 
 turns it into ε at δ (PLD for the reported figure, RDP curves for the ledger's Rényi filter),
 calibrates noise to a target, decides admission against one or more Rényi filters
 (:mod:`accountant.admission`) and composes many events for the budget report
-(:mod:`accountant.composition`). Depends on dp_accounting and numpy only, nothing of ours:
+(:mod:`accountant.composition`), incrementally from a running :class:`SpendSummary`
+(:mod:`accountant.summary`). Depends on dp_accounting and numpy only, nothing of ours:
 the reference job shape that admission reports against is passed in by the caller.
 """
 
@@ -32,6 +33,7 @@ from .calibration import calibrate
 from .composition import compose_pld_epsilon, rdp_composed_epsilon
 from .events import JobEvent
 from .filter import RenyiBudget, add_spent
+from .summary import SpendSummary, summarize
 
 __all__ = [
     "DEFAULT_ORDERS",
@@ -39,6 +41,7 @@ __all__ = [
     "JobEvent",
     "ReferenceShape",
     "RenyiBudget",
+    "SpendSummary",
     "add_spent",
     "calibrate",
     "cap_budget",
@@ -54,5 +57,6 @@ __all__ = [
     "rdp_composed_epsilon",
     "rdp_curve",
     "refusing_filter",
+    "summarize",
     "tenant_budget",
 ]

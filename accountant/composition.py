@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from dp_accounting import pld
@@ -29,8 +28,18 @@ from .accounting import (
     rdp_curve,
 )
 from .events import JobEvent
+from .validation import Mechanism, Regime
 
-__all__ = ["compose_pld_epsilon", "rdp_composed_epsilon"]
+__all__ = [
+    "GroupKey",
+    "compose_pld_epsilon",
+    "event_group",
+    "pld_epsilon_of_groups",
+    "rdp_composed_epsilon",
+]
+
+GroupKey = tuple[Mechanism, Regime, float | None, float | None, float | None]
+"""(mechanism, regime, noise multiplier, ε0, q): events with one key compose by adding steps."""
 
 
 def rdp_composed_epsilon(events: Sequence[JobEvent], delta: float) -> float:
@@ -38,12 +47,33 @@ def rdp_composed_epsilon(events: Sequence[JobEvent], delta: float) -> float:
     (adaptive composition); 0.0 for no events."""
     if not events:
         return 0.0
-    total = np.sum([rdp_curve(e, DEFAULT_ORDERS) for e in events], axis=0)
+    total = np.zeros(len(DEFAULT_ORDERS))
+    for e in events:  # in order, as accountant.summary.SpendSummary adds them
+        total = total + rdp_curve(e, DEFAULT_ORDERS)
     return float(epsilon_from_rdp(total, DEFAULT_ORDERS, delta))
 
 
-def _event_key(event: JobEvent) -> tuple[Any, ...]:
-    return (event.mechanism, event.regime, event.noise_multiplier, event.epsilon0, event.q)
+def _number(x: float | None) -> float | None:
+    return None if x is None else float(x)
+
+
+def event_group(event: JobEvent) -> GroupKey:
+    """The PLD group of ``event``: its mechanism's shape (its steps are what add up)."""
+    return (
+        event.mechanism,
+        event.regime,
+        _number(event.noise_multiplier),
+        _number(event.epsilon0),
+        _number(event.q),
+    )
+
+
+def pld_epsilon_of_groups(groups: Sequence[tuple[GroupKey, int]], delta: float) -> float:
+    """:func:`compose_pld_epsilon` of events given as their groups' total PLD steps (what
+    :class:`accountant.summary.SpendSummary` keeps); 0.0 for none. Cached by the groups."""
+    if not groups:
+        return 0.0
+    return _compose_groups(tuple(sorted(groups, key=repr)), float(delta))
 
 
 def compose_pld_epsilon(events: Sequence[JobEvent], delta: float) -> float:
@@ -59,21 +89,20 @@ def compose_pld_epsilon(events: Sequence[JobEvent], delta: float) -> float:
     (``from_privacy_parameters(step ε, 0)``). Every figure is a valid upper bound. 0.0 for no
     events. This is NOT an admission rule (non-adaptive composition).
     """
-    if not events:
-        return 0.0
-    steps: dict[tuple[Any, ...], int] = {}
+    steps: dict[GroupKey, int] = {}
     for event in events:
         # a gated job's PLD is that of 2·steps pure ε0-DP steps (JobEvent.pure_steps)
-        steps[_event_key(event)] = steps.get(_event_key(event), 0) + event.pure_steps
-    return _compose_groups(tuple(sorted(steps.items(), key=repr)), float(delta))
+        steps[event_group(event)] = steps.get(event_group(event), 0) + event.pure_steps
+    return pld_epsilon_of_groups(list(steps.items()), delta)
 
 
 @functools.lru_cache(maxsize=256)
-def _compose_groups(groups: tuple[tuple[tuple[Any, ...], int], ...], delta: float) -> float:
+def _compose_groups(groups: tuple[tuple[GroupKey, int], ...], delta: float) -> float:
     parts: list[JobEvent] = []
     gaussian_mu2 = 0.0
     for (mechanism, regime, sigma, eps0, q), count in groups:
         if mechanism == "gaussian" and regime == "fixed":
+            assert sigma is not None  # a Gaussian event always has a noise multiplier
             gaussian_mu2 += count / (sigma * sigma)
         else:
             parts.append(JobEvent(mechanism, regime, count, sigma, eps0, q))

@@ -21,6 +21,7 @@ from proxy.backends import Backend, backend_for
 from proxy.context import AppContext
 from proxy.errors import install_error_handlers, storage_unavailable
 from proxy.jobs import JobRunner
+from proxy.limits import DEFAULT_LIMITS, BodyLimit, Limits
 from proxy.metrics import Metrics, install_request_metrics
 from proxy.routes import ROUTERS
 from proxy.store import StorageError, Store
@@ -37,13 +38,16 @@ def create_app(
     metrics_key: str | None = None,
     run_jobs: bool = True,
     serving_backend: Backend | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> FastAPI:
     """The app over ``store`` (the ledger) and ``engine`` (one model for jobs and serving).
 
     ``metrics_key`` enables ``/metrics``; ``run_jobs=False`` admits and charges jobs without
     running them (tests); ``serving_backend`` replaces the chat/completions backend that
-    :func:`proxy.backends.backend_for` would pick. ``app.state`` keeps ``store``, ``engine``,
-    ``runner``, ``serving`` (closed by the CLI at shutdown) and ``context``.
+    :func:`proxy.backends.backend_for` would pick; ``limits`` bound what a client may send
+    (:mod:`proxy.limits`: bodies are counted while read, before any parsing). ``app.state``
+    keeps ``store``, ``engine``, ``runner``, ``serving`` (closed by the CLI at shutdown) and
+    ``context``.
     """
     app = FastAPI(title="dpicl", version="0.1.0", docs_url=None, redoc_url=None)
     install_error_handlers(app)
@@ -62,6 +66,7 @@ def create_app(
         runner=runner,
         base_model=engine.name,
         metrics_key=metrics_key,
+        limits=limits,
     )
 
     @app.exception_handler(StorageError)
@@ -69,6 +74,8 @@ def create_app(
         log.error("storage failure on %s %s", request.method, request.url.path)
         return storage_unavailable().response()
 
+    # Added before the metrics middleware, which therefore wraps it and counts its 413s.
+    app.add_middleware(BodyLimit, limits=limits)
     install_request_metrics(app, metrics)
     for router in ROUTERS:
         app.include_router(router)

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
+    from proxy.limits import add_arguments as add_limit_arguments
+
+    add_limit_arguments(s)
     s.set_defaults(func=_cmd_serve)
 
     t = sub.add_parser("tenant", help="manage tenants (prints the admin key once)")
@@ -116,7 +119,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from dp_decoding.engines import load_engine
     from proxy.app import create_app
+    from proxy.limits import from_args as limits_from_args
 
+    try:
+        limits = limits_from_args(args)
+    except ValueError as exc:
+        print(f"dpicl: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     store = _open_store(args.db)
     stale = args.fail_stale_jobs_after
@@ -129,7 +138,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
     engine_kwargs = {"threads": args.threads} if args.threads and args.engine == "embedded" else {}
     engine = load_engine(args.engine, **engine_kwargs)
-    app = create_app(store, engine, metrics_key=args.metrics_key)
+    app = create_app(store, engine, metrics_key=args.metrics_key, limits=limits)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

@@ -13,6 +13,7 @@ from fastapi import Request
 
 from dp_decoding.engines.base import Engine
 from proxy.jobs import JobRunner
+from proxy.limits import DEFAULT_LIMITS, Limits
 from proxy.metrics import Metrics
 from proxy.serving import Backend
 from proxy.store import Store
@@ -28,7 +29,8 @@ class AppContext:
     model shared by private jobs and serving, ``backend`` the chat/completions sampler on that
     engine, ``runner`` the background job runner (None when jobs are not run, e.g. tests),
     ``base_model`` the engine's model id (a name no demonstration set may take) and
-    ``metrics_key`` the bearer token of ``/metrics`` (None: metrics disabled).
+    ``metrics_key`` the bearer token of ``/metrics`` (None: metrics disabled) and ``limits``
+    what a client may send (:mod:`proxy.limits`).
     """
 
     store: Store
@@ -38,6 +40,7 @@ class AppContext:
     runner: JobRunner | None
     base_model: str
     metrics_key: str | None = None
+    limits: Limits = DEFAULT_LIMITS
 
 
 def get_context(request: Request) -> AppContext:

@@ -112,22 +112,28 @@ _STATUS_TYPES = {
 }
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+_LIMIT_KINDS = frozenset({"less_than", "less_than_equal", "too_long", "limit_exceeded"})
+"""pydantic error types of a value over a bound (the API's ceilings, proxy.limits.CEILINGS)."""
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str | None]:
+    """(message, param, code) of the first validation error."""
     errs = exc.errors()
     if not errs:
-        return "Invalid request body.", None
+        return "Invalid request body.", None, None
     first = errs[0]
     loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path")]
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "missing":
-        return f"Missing required parameter: '{param}'.", param
+        return f"Missing required parameter: '{param}'.", param, None
     if kind == "extra_forbidden":
-        return f"Unrecognized request argument supplied: {param}", param
+        return f"Unrecognized request argument supplied: {param}", param, None
     if kind in ("json_invalid", "model_attributes_type", "dict_type") and not param:
-        return "The request body must be a JSON object.", None
+        return "The request body must be a JSON object.", None, None
     # pydantic's own message describes the constraint, not the submitted value
-    return f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param
+    code = "limit_exceeded" if kind in _LIMIT_KINDS else None
+    return f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param, code
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -140,8 +146,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return APIError(400, message, "invalid_request_error", param, None).response()
+        message, param, code = _validation_message(exc)
+        return APIError(400, message, "invalid_request_error", param, code).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from dp_decoding.mechanisms import registry as mechanisms
 from dp_decoding.plan_spec import api_field
+from proxy.limits import CEILINGS
 
 __all__ = [
     "ChatCompletionRequest",
@@ -49,10 +51,10 @@ class StreamOptions(_Body):
 
 class _Sampling(_Body):
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    max_tokens: int | None = Field(default=None, ge=1, le=CEILINGS["max_tokens"])
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=8)
+    n: int = Field(default=1, ge=1, le=CEILINGS["n"])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -63,8 +65,12 @@ class _Sampling(_Body):
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list):
-            if len(v) > 4:
-                raise ValueError("at most 4 stop sequences")
+            if len(v) > CEILINGS["stop_sequences"]:
+                raise PydanticCustomError(
+                    "limit_exceeded",
+                    "at most {limit} stop sequences",
+                    {"limit": CEILINGS["stop_sequences"]},
+                )
             if any(not s for s in v):
                 raise ValueError("stop sequences must be non-empty")
         return v
@@ -77,14 +83,14 @@ class _Sampling(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=CEILINGS["max_tokens"])
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=CEILINGS["top_logprobs"])
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    logprobs: int | None = Field(default=None, ge=0, le=CEILINGS["completion_logprobs"])
     echo: bool = False
 
     @field_validator("prompt")

@@ -47,15 +47,18 @@ from .storage.models import (
     NotFound,
     Tenant,
 )
+from .storage.report import DEFAULT_CHARGES, MAX_CHARGES
 from .storage.schema import upgrade as upgrade_schema
 from .storage.tenants import Tenants
 
 __all__ = [
     "ApiKey",
     "BudgetExceeded",
+    "DEFAULT_CHARGES",
     "Dataset",
     "INTERRUPTED_ERROR",
     "Job",
+    "MAX_CHARGES",
     "NotFound",
     "StorageError",
     "Store",
@@ -231,7 +234,10 @@ class Store:
 
     # -- budget report ---------------------------------------------------------------------
     def budget(
-        self, tenant_id: str, reference: Callable[[float], JobEvent] | None = None
+        self,
+        tenant_id: str,
+        reference: Callable[[float], JobEvent] | None = None,
+        charges: int = DEFAULT_CHARGES,
     ) -> dict[str, Any] | None:
         """The privacy officer's view of a tenant's budget (None for an unknown tenant).
 
@@ -244,9 +250,13 @@ class Store:
           :func:`default_reference_event` at the tenant's δ) that would still be admitted,
           3 significant digits rounded down; 0.0 if none.
         * ``filter``: order α*, B and the running RDP spend at α*.
-        * ``charges``: one entry per ledger row, oldest first.
+        * ``charges_total``: the number of charges; ``charges``: the latest ``charges`` of
+          them (at most :data:`MAX_CHARGES`), oldest first.
+
+        The figures come from the tenant's budget summary (maintained at admission, checked
+        against the ledger head), so the time does not grow with the ledger.
         """
-        return report.budget_report(self.db, tenant_id, reference)
+        return report.budget_report(self.db, tenant_id, reference, charges)
 
     # -- ledger ----------------------------------------------------------------------------
     def ledger_rows(self, tenant_id: str | None = None) -> list[dict[str, Any]]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 
 from proxy.auth import require_admin
 from proxy.context import AppContext, get_context
 from proxy.schemas import KeyRequest
-from proxy.store import ApiKey, default_reference_event
+from proxy.store import DEFAULT_CHARGES, MAX_CHARGES, ApiKey
 
 __all__ = ["EPSILON_SPENT_NOTE", "router"]
 
@@ -28,15 +28,18 @@ router = APIRouter()
 
 @router.get("/v1/private/budget")
 def budget(
-    key: ApiKey = Depends(require_admin), context: AppContext = Depends(get_context)
+    key: ApiKey = Depends(require_admin),
+    context: AppContext = Depends(get_context),
+    charges: int = Query(DEFAULT_CHARGES, ge=0, le=MAX_CHARGES),
 ) -> dict[str, Any]:
+    """The budget report; ``?charges=N`` lists the latest N charges (``charges_total`` counts
+    them all)."""
     store = context.store
     tenant = store.get_tenant(key.tenant_id)
     assert tenant is not None  # the key's tenant exists (keys.tenant_id REFERENCES tenants)
-    out = store.budget(
-        key.tenant_id,
-        reference=lambda eps: default_reference_event(eps, tenant.delta),
-    )
+    # reference=None: the default shape at the tenant's δ (default_reference_event), whose
+    # largest admissible ε the store caches by the tenant's spend
+    out = store.budget(key.tenant_id, charges=charges)
     assert out is not None  # None only for an unknown tenant
     context.metrics.epsilon_spent.labels(key.tenant_id).set(out["epsilon_spent"])
     return {

@@ -16,12 +16,10 @@ from dp_decoding.records import DataError, parse_jsonl_lines
 from proxy.auth import require_admin
 from proxy.context import AppContext, get_context
 from proxy.errors import APIError, not_found
+from proxy.limits import Limits
 from proxy.store import ApiKey, Dataset
 
-__all__ = ["MAX_UPLOAD_BYTES", "MAX_UPLOAD_RECORDS", "dataset_json", "router"]
-
-MAX_UPLOAD_BYTES = 64 * 1024 * 1024
-MAX_UPLOAD_RECORDS = 500_000
+__all__ = ["dataset_json", "router"]
 
 router = APIRouter()
 
@@ -40,14 +38,12 @@ def dataset_json(d: Dataset) -> dict[str, Any]:
     }
 
 
-def _rows(raw: bytes) -> list[dict[str, Any]]:
-    """The upload's records as store rows (``user`` only where the line named one)."""
+def _rows(raw: bytes, limits: Limits) -> list[dict[str, Any]]:
+    """The upload's records as store rows (``user`` only where the line named one); size,
+    line length and record count within ``limits``."""
+    lines = limits.upload_lines(raw)
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise APIError(400, "The file must be UTF-8 JSONL.", param="file") from None
-    try:
-        records = list(parse_jsonl_lines(text.splitlines(), max_records=MAX_UPLOAD_RECORDS))
+        records = list(parse_jsonl_lines(lines, max_records=limits.max_upload_records))
     except DataError as exc:
         raise APIError(400, f"Invalid dataset: {exc}", param="file") from None
     if not records:
@@ -68,12 +64,12 @@ async def upload_dataset(
     key: ApiKey = Depends(require_admin),
     context: AppContext = Depends(get_context),
 ) -> dict[str, Any]:
-    raw = await file.read(MAX_UPLOAD_BYTES + 1)
-    if len(raw) > MAX_UPLOAD_BYTES:
-        raise APIError(413, f"The file is larger than {MAX_UPLOAD_BYTES} bytes.", param="file")
+    limits = context.limits
+    raw = await file.read(limits.max_upload_bytes + 1)
+    limits.check_upload(len(raw))
     if not name.strip() or len(name) > 128:
         raise APIError(400, "name must be 1-128 characters.", param="name")
-    rows = _rows(raw)
+    rows = _rows(raw, limits)
     d = await run_in_threadpool(context.store.create_dataset, key.tenant_id, name.strip(), rows)
     return dataset_json(d)
 

@@ -14,11 +14,12 @@ from typing import Any, cast
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from dp_decoding.engines import ChatTemplating
+from dp_decoding.engines import ChatTemplating, context_limit
 from prompts import demonstrations_system_prompt, generic_task, get_task
 from proxy.auth import require_key
 from proxy.context import AppContext, get_context
 from proxy.errors import APIError, model_not_found
+from proxy.limits import Limits
 from proxy.responses import CHAT, COMPLETION, Reply
 from proxy.schemas import ChatCompletionRequest, CompletionRequest
 from proxy.serving import SamplingParams
@@ -100,10 +101,10 @@ def _demo_prefix(context: AppContext, key: ApiKey, model: str) -> str | None:
 
 
 def _params(
-    body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, top_logprobs: int
+    body: ChatCompletionRequest | CompletionRequest, max_tokens: int, top_logprobs: int
 ) -> SamplingParams:
     return SamplingParams(
-        max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+        max_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         n=body.n,
@@ -153,12 +154,20 @@ def chat(
     key: ApiKey = Depends(require_key),
     context: AppContext = Depends(get_context),
 ) -> dict[str, Any] | StreamingResponse:
+    context.limits.check_chat(body)  # bounded before any tokenization (proxy.limits)
     messages = _chat_messages(body, _demo_prefix(context, key, body.model))
     engine = context.engine
     # The serving engine templates chats (every built-in engine does: ChatTemplating).
     prompt_ids = cast(ChatTemplating, engine).apply_chat_template(messages)
+    max_tokens = Limits.check_tokens(
+        len(prompt_ids),
+        body.max_completion_tokens or body.max_tokens,
+        DEFAULT_MAX_TOKENS,
+        context_limit(engine),
+        "messages",
+    )
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else 0
-    params = _params(body, body.max_completion_tokens or body.max_tokens, top_logprobs)
+    params = _params(body, max_tokens, top_logprobs)
     reply = Reply(
         CHAT,
         "chatcmpl-",
@@ -178,6 +187,7 @@ def completions(
     key: ApiKey = Depends(require_key),
     context: AppContext = Depends(get_context),
 ) -> dict[str, Any] | StreamingResponse:
+    context.limits.check_completion(body)  # bounded before any tokenization (proxy.limits)
     prefix = _demo_prefix(context, key, body.model)
     prompt = body.prompt_text()
     if prefix:
@@ -186,7 +196,10 @@ def completions(
     prompt_ids = engine.tokenize(prompt)
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param="prompt")
-    params = _params(body, body.max_tokens or 16, body.logprobs or 0)
+    max_tokens = Limits.check_tokens(
+        len(prompt_ids), body.max_tokens, 16, context_limit(engine), "prompt"
+    )
+    params = _params(body, max_tokens, body.logprobs or 0)
     reply = Reply(
         COMPLETION,
         "cmpl-",

@@ -240,6 +240,7 @@ def _admit_locked(tx: Transaction, req: JobRequest, charge: float, now: float) -
         delta=req.delta,
         rdp_at_order=charge,
         created=now,
+        curve=req.curve,
     )
     ledger.append(tx, row, charged)
     if capped is not None:

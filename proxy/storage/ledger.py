@@ -9,8 +9,10 @@ Invariants:
   the last row is detected too.
 * A row is appended only inside the admission transaction that holds the tenant row's lock
   (:func:`append`), which also moves the tenant's head, length and running spend.
-* :func:`verify` recomputes everything from the rows' events, reads one consistent snapshot
-  and names ids only in its problems.
+* :func:`append` also folds the charge into the tenant's budget summary (:mod:`.summary`) in
+  the same transaction.
+* :func:`verify` recomputes everything from the rows' events (the budget summaries included),
+  reads one consistent snapshot and names ids only in its problems.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from accountant import JobEvent, add_spent, charge_at, charge_curve
+from accountant import JobEvent, SpendSummary, add_spent, charge_at, charge_curve
 
 from ..db import Database, StorageError, Transaction
+from . import summary
 from .codec import canonical, loads
 
 __all__ = [
@@ -91,11 +94,13 @@ class Charge:
     delta: float
     rdp_at_order: float
     created: float
+    curve: np.ndarray | None = None  # the event's RDP curve over DEFAULT_ORDERS, if known
 
 
 def append(tx: Transaction, tenant: dict[str, Any], charge: Charge) -> None:
     """Append ``charge`` to the chain of ``tenant`` (its row, locked by the caller in this
-    transaction) and move the tenant's head, length and running spend (rounded up)."""
+    transaction), move the tenant's head, length and running spend (rounded up) and fold the
+    charge into the tenant's budget summary."""
     tenant_id = str(tenant["id"])
     seq = int(tenant["ledger_count"]) + 1
     head = str(tenant["ledger_head"])
@@ -114,6 +119,9 @@ def append(tx: Transaction, tenant: dict[str, Any], charge: Charge) -> None:
         "created": charge.created,
     }
     digest = row_hash(head, row)
+    # before the row is inserted: a stale summary is recomputed from the rows before this one
+    event = JobEvent.from_dict(charge.event)
+    summary.advance(tx, tenant, digest, (event, charge.epsilon, charge.delta), charge.curve)
     tx.execute(
         "INSERT INTO ledger (tenant_id, seq, job_id, key_id, event, plan, epsilon, "
         "delta, rdp_order, rdp_at_order, versions, created, prev_hash, hash) "
@@ -185,6 +193,7 @@ class _Audit:
     problems: list[str]
     key_spent: dict[str, float]
     charged_jobs: set[tuple[str, str]]
+    summaries: dict[str, SpendSummary]
 
 
 def _check_row(audit: _Audit, tid: str, order: float, prev: str, r: dict[str, Any]) -> float | None:
@@ -195,11 +204,14 @@ def _check_row(audit: _Audit, tid: str, order: float, prev: str, r: dict[str, An
     try:
         parsed = parse_row(r)
         recomputed_hash = row_hash(str(r["prev_hash"]), parsed)
-        curve = charge_curve(JobEvent.from_dict(parsed["event"]))
+        event = JobEvent.from_dict(parsed["event"])
+        curve = charge_curve(event)
         charge = charge_at(curve, order)
     except (StorageError, ValueError, TypeError, KeyError):
         audit.problems.append(f"{label}: unreadable event or row")
         return None
+    before = audit.summaries.get(tid, SpendSummary.empty())
+    audit.summaries[tid] = before.add(event, parsed["epsilon"], parsed["delta"], curve)
     if recomputed_hash != r["hash"]:
         audit.problems.append(f"{label}: hash mismatch (row altered)")
     if float(r["rdp_order"]) != order:
@@ -246,6 +258,7 @@ def verify(db: Database) -> dict[str, Any]:
         ledger = tx.execute("SELECT * FROM ledger ORDER BY tenant_id, seq").rows
         keys = tx.execute("SELECT * FROM api_keys ORDER BY id").rows
         jobs = tx.execute("SELECT id, tenant_id FROM jobs").rows
+        summaries = summary.stored_rows(tx)
     by_tenant: dict[str, list[dict[str, Any]]] = {}
     for r in ledger:
         by_tenant.setdefault(str(r["tenant_id"]), []).append(r)
@@ -256,6 +269,7 @@ def verify(db: Database) -> dict[str, Any]:
         problems=[],
         key_spent={},
         charged_jobs=set(),
+        summaries={},
     )
     known = {str(t["id"]) for t in tenants}
     for orphan in sorted(set(by_tenant) - known):
@@ -269,6 +283,7 @@ def verify(db: Database) -> dict[str, Any]:
     for j in jobs:
         if (str(j["tenant_id"]), str(j["id"])) not in audit.charged_jobs:
             audit.problems.append(f"job {j['id']}: no ledger charge")
+    audit.problems.extend(summary.problems(summaries, tenants, audit.summaries))
     return {
         "ok": not audit.problems,
         "tenants": len(tenants),

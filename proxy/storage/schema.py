@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..db import Database, StorageError, Transaction
+from . import summary
 from .codec import loads
 from .models import count_without_user
 
@@ -189,10 +190,24 @@ def _records_without_user(tx: Transaction) -> None:
     _fill_records_without_user(tx)
 
 
+# ---------------------------------------------------------------------------------------------
+# Migration 5: the budget summary (versions 3 and 4 are reserved for other tables).
+
+
+def _budget_summary(tx: Transaction) -> None:
+    """The ``budget_summary`` table, filled for existing ledgers by recomputing each tenant's
+    charges from its rows (once, at this upgrade; admission maintains it from then on)."""
+    tx.execute_ddl(summary.TABLE)
+    summary.fill(tx)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "the schema of release abd6ed3", _release_schema),
     Migration(
         2, "datasets.records_without_user, filled from the stored records", _records_without_user
+    ),
+    Migration(
+        5, "budget_summary: per-tenant spend summary, filled from the ledger", _budget_summary
     ),
 )
 SCHEMA_VERSION: int = MIGRATIONS[-1].version

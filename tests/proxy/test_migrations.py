@@ -17,7 +17,7 @@ import pytest
 from devtools.server import dpicl
 from dp_decoding.plan import make_plan
 from proxy.db import Database, StorageError
-from proxy.storage import ledger
+from proxy.storage import ledger, summary
 from proxy.storage.schema import MIGRATIONS, SCHEMA_VERSION
 from proxy.store import Store
 from tests.fakes import admit_plan
@@ -72,6 +72,20 @@ def assert_release_charges(before: dict[str, list[dict[str, Any]]]) -> None:
     assert {t["id"]: t["spent_at_order"] for t in before["tenants"]} == RELEASE["spent_at_order"]
 
 
+def assert_summaries_filled(store: Store) -> None:
+    """Migration 5 wrote every charged tenant's budget summary, equal to the recomputation
+    from its rows and covering its ledger head; the report's figures follow from it."""
+    charged = {r["tenant_id"] for r in RELEASE["ledger"]}
+    heads = {tenant_id: store.ledger_rows(tenant_id)[-1]["hash"] for tenant_id in charged}
+    assert charged
+    with store.db.transaction() as tx:
+        for tenant_id in charged:
+            stored = summary.read(tx, tenant_id)
+            assert stored is not None
+            assert stored.spend == summary.recompute(tx, tenant_id)
+            assert stored.head == heads[tenant_id]
+
+
 def admit_more(store: Store) -> None:
     """Charge one more job to the first tenant with room left, on the upgraded chain."""
     tenant_id = sorted(RELEASE["spent_at_order"])[0]
@@ -108,8 +122,9 @@ def test_release_sqlite_database_upgrades_in_place(tmp_path: Path) -> None:
     assert ok.returncode == 0 and '"ok": true' in ok.stdout, ok.stdout + ok.stderr
 
     store = Store(url)
-    assert versions(store.db) == [(1, "stamped: " + MIGRATIONS[0].description), (2, MIGRATIONS[1].description)]  # fmt: skip
+    assert versions(store.db) == [(1, "stamped: " + MIGRATIONS[0].description)] + [(m.version, m.description) for m in MIGRATIONS[1:]]  # fmt: skip
     assert_intact(before, store.db)
+    assert_summaries_filled(store)
     assert store.verify_ledger() == RELEASE["verify_ledger"]
     admit_more(store)
     assert store.verify_ledger()["ok"]
@@ -117,7 +132,8 @@ def test_release_sqlite_database_upgrades_in_place(tmp_path: Path) -> None:
 
     Store(url).close()  # reopening is a no-op: nothing re-applied
     again = Database(url)
-    assert len(versions(again)) == SCHEMA_VERSION
+    assert [v for v, _ in versions(again)] == [m.version for m in MIGRATIONS]
+    assert versions(again)[-1][0] == SCHEMA_VERSION
     again.close()
     ok = dpicl("ledger", "verify", "--db", url, check=False)
     assert ok.returncode == 0 and '"rows": 6' in ok.stdout
@@ -193,8 +209,9 @@ def test_release_postgresql_database_upgrades_in_place(pg_schema: str) -> None:
     old.close()
 
     store = Store(url)
-    assert [v for v, _ in versions(store.db)] == [1, 2]
+    assert [v for v, _ in versions(store.db)] == [m.version for m in MIGRATIONS]
     assert_intact(pg_before, store.db)
+    assert_summaries_filled(store)
     assert store.verify_ledger() == RELEASE["verify_ledger"]
     admit_more(store)
     assert store.verify_ledger()["ok"]
