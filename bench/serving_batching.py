@@ -254,10 +254,10 @@ def fairness(srv: Server, key: str, data: Path, job: dict[str, Any], clients: in
 
 
 # -- the run -------------------------------------------------------------------------------------
-def serve(tmp: Path, kind: str) -> tuple[Server, str]:
+def serve(tmp: Path, kind: str, threads: int | None) -> tuple[Server, str]:
     db = f"sqlite:///{tmp / f'{kind}.db'}"
     key = create_tenant(db, "bench", 1000.0)
-    srv = Server(db=db, log_path=tmp / f"{kind}.log", serving=kind)
+    srv = Server(db=db, log_path=tmp / f"{kind}.log", serving=kind, threads=threads)
     srv.start(timeout=600)
     return srv, key
 
@@ -267,9 +267,10 @@ def pct(x: float) -> str:
 
 
 def render(r: dict[str, Any], args: argparse.Namespace) -> str:
-    ref = max(r["ref_before"][0], r["ref_after"][0])
+    after = r["ref_after"] or (float("nan"), float("nan"))
+    ref = max(r["ref_before"][0], after[0]) if r["ref_after"] else r["ref_before"][0]
     b, s = r["batching"], r["step_loop"]
-    st: Streams = r["streams"]
+    st: Streams | None = r.get("streams")
     f: Fairness | None = r.get("fairness")
     m = r["machine"]
     out = [
@@ -277,8 +278,8 @@ def render(r: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         f"Run {dt.date.today()} on {m['nproc']} cores ({m['cpu']}), torch {m['torch']}, "
         f"transformers {m['transformers']}, SmolLM2-135M-Instruct {m['dtype']}, "
-        f"{m['threads']} torch threads. Command: `python bench/serving_batching.py --out "
-        f"docs/benchmarks.md`. 1-minute load average at start / end: {r['load'][0]} / "
+        f"{m['threads']} torch threads. Command: `python bench/serving_batching.py "
+        f"{' '.join(sys.argv[1:])}`. 1-minute load average at start / end: {r['load'][0]} / "
         f"{r['load'][1]}; the share of all CPU time used by other processes during each part is "
         "in its row (a shared machine: ratios within the run are the result, absolute figures "
         "are rough).",
@@ -289,23 +290,27 @@ def render(r: dict[str, Any], args: argparse.Namespace) -> str:
         "| what | requests | completion tokens/s | median latency (s) | other processes' CPU |",
         "|---|---|---|---|---|",
         f"| the {args.clients} prompts as one in-process batch, before / after | — | "
-        f"{r['ref_before'][0]:.1f} / {r['ref_after'][0]:.1f} | — | "
-        f"{pct(r['ref_before'][1])} / {pct(r['ref_after'][1])} |",
+        f"{r['ref_before'][0]:.1f} / {after[0]:.1f} | — | "
+        f"{pct(r['ref_before'][1])} / {pct(after[1])} |",
         f"| `--serving batching`, {args.rounds} requests per client | {len(b.latencies)} | "
         f"{b.tok_s:.1f} | {statistics.median(b.latencies):.2f} | {pct(b.foreign)} |",
         f"| `--serving step-loop` (the old path), 1 request per client | {len(s.latencies)} | "
         f"{s.tok_s:.1f} | {statistics.median(s.latencies):.2f} | {pct(s.foreign)} |",
         "",
-        f"Batching over the one-batch reference (best of before/after): **{b.tok_s / ref:.2f}×** "
+        f"Batching over the one-batch reference (best of before/after; n/a: not run): "
+        f"**{b.tok_s / ref:.2f}×** "
         f"(goal ≥ 0.7); over the step loop: **{b.tok_s / s.tok_s:.1f}×** (goal ≥ 5). Errors: "
         f"batching {sum(b.errors.values())}, step loop {sum(s.errors.values())}.",
-        "",
-        f"**Streams**: {st.clients} concurrent streaming chat requests of {args.tokens} tokens "
-        f"(asyncio + httpx) on the batching server: **{st.completed} of {st.clients} complete**, "
-        f"errors {dict(st.errors) or 0}, wall {st.wall:.1f} s; server resident memory "
-        f"{st.rss_before / 2**20:.0f} MiB before, {st.rss_after / 2**20:.0f} MiB after; other "
-        f"processes' CPU {pct(st.foreign)}.",
     ]
+    if st is not None:
+        out += [
+            "",
+            f"**Streams**: {st.clients} concurrent streaming chat requests of "
+            f"{args.stream_tokens} tokens (asyncio + httpx) on the batching server: "
+            f"**{st.completed} of {st.clients} complete**, errors {dict(st.errors) or 0}, wall "
+            f"{st.wall:.1f} s; server resident memory {st.rss_before / 2**20:.0f} MiB before, "
+            f"{st.rss_after / 2**20:.0f} MiB after; other processes' CPU {pct(st.foreign)}.",
+        ]
     if f is not None:
         out += [
             "",
@@ -330,35 +335,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3, help="requests per client, batching (3)")
     p.add_argument("--streams", type=int, default=256)
+    p.add_argument("--stream-tokens", type=int, default=16, help="tokens per stream (16)")
     p.add_argument("--data", type=Path, default=REPO.parent / "shared/data/agnews/train.jsonl")
     p.add_argument("--job", type=json.loads, default=DEFAULT_JOB, help="the DP job's body (JSON)")
     p.add_argument("--skip-fairness", action="store_true")
+    p.add_argument("--threads", type=int, help="torch threads, bench and servers (all cores)")
+    p.add_argument("--no-ref-after", action="store_true", help="one reference batch, before")
     p.add_argument("--out", type=Path, help="Markdown file whose serving_batching section is set")
     args = p.parse_args(argv)
     from dp_decoding.engines.embedded import EmbeddedEngine
 
     r: dict[str, Any] = {"load": [read_loadavg()]}
-    engine = EmbeddedEngine()
+    engine = EmbeddedEngine(threads=args.threads)
     r["machine"] = machine_info(engine)
     r["ref_before"] = reference_batch(engine, args.clients, args.tokens)
     log(f"reference batch: {r['ref_before'][0]:.1f} tokens/s")
     with tempfile.TemporaryDirectory(prefix="dpicl-serving-batching-") as d:
         for kind, rounds in (("batching", args.rounds), ("step-loop", 1)):
-            srv, key = serve(Path(d), kind)
+            srv, key = serve(Path(d), kind, args.threads)
             try:
-                chat_clients(srv, key, 4, args.tokens, 1, None)  # warm-up
+                chat_clients(srv, key, 2, 4, 1, None)  # warm-up
                 r[kind.replace("-", "_")] = chat_clients(
                     srv, key, args.clients, args.tokens, rounds, None
                 )
                 log(f"{kind}: {r[kind.replace('-', '_')].tok_s:.1f} tokens/s")
-                if kind == "batching":
-                    r["streams"] = streams(srv, key, args.streams, args.tokens)
+                if kind == "batching" and args.streams:
+                    r["streams"] = streams(srv, key, args.streams, args.stream_tokens)
                     log(f"streams: {r['streams'].completed}/{args.streams} complete")
                     if not args.skip_fairness and args.data.is_file():
                         r["fairness"] = fairness(srv, key, args.data, args.job, args.clients)
             finally:
                 srv.stop()
-    r["ref_after"] = reference_batch(engine, args.clients, args.tokens)
+    r["ref_after"] = (
+        reference_batch(engine, args.clients, args.tokens) if not args.no_ref_after else None
+    )
     r["load"].append(read_loadavg())
     md = render(r, args)
     print(md)

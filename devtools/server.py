@@ -65,6 +65,8 @@ class Server:
     engine: str = "embedded"
     serving: str = "auto"
     """``--serving``: the chat/completions backend (auto, batching, step-loop)."""
+    threads: int | None = None
+    """``--threads`` (the embedded engine's torch threads; None: all cores)."""
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -92,6 +94,7 @@ class Server:
             "--engine",
             self.engine,
             *(["--serving", self.serving] if self.serving != "auto" else []),
+            *(["--threads", str(self.threads)] if self.threads else []),
         ]
 
     def start(self, timeout: float = 240, poll: float = 0.25) -> Server:
