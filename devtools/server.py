@@ -63,6 +63,10 @@ class Server:
     metrics_key: str = "metrics-secret"
     log_level: str = "info"
     engine: str = "embedded"
+    serving: str = "auto"
+    """``--serving``: the chat/completions backend (auto, batching, step-loop)."""
+    threads: int | None = None
+    """``--threads`` (the embedded engine's torch threads; None: all cores)."""
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -89,6 +93,8 @@ class Server:
             self.log_level,
             "--engine",
             self.engine,
+            *(["--serving", self.serving] if self.serving != "auto" else []),
+            *(["--threads", str(self.threads)] if self.threads else []),
         ]
 
     def start(self, timeout: float = 240, poll: float = 0.25) -> Server:
@@ -127,6 +133,19 @@ class Server:
         )
         r.raise_for_status()
         return r.text
+
+    def rss_bytes(self) -> int:
+        """The server process's resident memory now (0 once it has exited)."""
+        if self.proc is None:
+            return 0
+        try:
+            with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
 
     def stop(self) -> None:
         """Terminate the server (kill it after 20 s) and close its log."""

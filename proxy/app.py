@@ -22,7 +22,7 @@ from proxy.context import AppContext
 from proxy.errors import install_error_handlers, storage_unavailable
 from proxy.jobs import JobRunner
 from proxy.limits import DEFAULT_LIMITS, BodyLimit, Limits
-from proxy.metrics import Metrics, install_request_metrics
+from proxy.metrics import Metrics, install_request_metrics, track_serving
 from proxy.routes import ROUTERS
 from proxy.store import StorageError, Store
 
@@ -55,6 +55,7 @@ def create_app(
     # Chat/completions backend (vLLM's scheduler for a vLLM engine); built before the job
     # runner, so it can take over the engine's lock before any job step runs.
     backend = serving_backend or backend_for(engine)
+    track_serving(metrics, backend)
     runner = JobRunner(store, engine) if run_jobs else None
     app.state.store, app.state.engine, app.state.runner = store, engine, runner
     app.state.serving = backend

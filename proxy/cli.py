@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads of the embedded engine (default: all cores)",
     )
     s.add_argument(
+        "--serving",
+        default="auto",
+        choices=("auto", "batching", "step-loop"),
+        help="chat/completions backend: auto (default: vLLM's scheduler on vllm, continuous "
+        "batching on the embedded engine), batching, or step-loop (one request per engine "
+        "call: the old path, kept as a benchmark baseline)",
+    )
+    s.add_argument(
         "--fail-stale-jobs-after",
         type=float,
         default=None,
@@ -119,6 +127,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from dp_decoding.engines import load_engine
     from proxy.app import create_app
+    from proxy.backends import backend_for
     from proxy.limits import from_args as limits_from_args
 
     try:
@@ -138,13 +147,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
     engine_kwargs = {"threads": args.threads} if args.threads and args.engine == "embedded" else {}
     engine = load_engine(args.engine, **engine_kwargs)
-    app = create_app(store, engine, metrics_key=args.metrics_key, limits=limits)
+    backend = backend_for(engine, args.serving)
+    app = create_app(
+        store, engine, metrics_key=args.metrics_key, limits=limits, serving_backend=backend
+    )
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         close = getattr(app.state.serving, "close", None)
         if close is not None:
-            close()  # stop the vLLM serving driver before the engine is torn down
+            close()  # stop the serving scheduler before the engine is torn down
     return 0
 
 

@@ -1,19 +1,22 @@
 """Prometheus metrics: public quantities only.
 
 Counted: requests (route template, method, status), latency, tokens of *served* completions,
-admitted / refused jobs and ε spent per tenant. Nothing that depends on which private
+admitted / refused jobs and ε spent per tenant, and the serving scheduler's own counts (forward
+passes and rows of *serving* batches, aborted requests). Nothing that depends on which private
 records were sampled (no per-prompt, per-record or generation-job token counts).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "install_request_metrics"]
+__all__ = ["Metrics", "install_request_metrics", "track_serving"]
 
 
 class Metrics:
@@ -47,6 +50,44 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+
+
+class _ServingCollector(Collector):
+    """The serving scheduler's counts (``BatchingBackend.stats``), read at scrape time."""
+
+    def __init__(self, stats: Mapping[str, int]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = self.stats
+        passes = CounterMetricFamily(
+            "dpicl_serving_forward_passes", "Forward passes of serving batches", labels=["kind"]
+        )
+        rows = CounterMetricFamily(
+            "dpicl_serving_rows", "Rows in serving forward passes", labels=["kind"]
+        )
+        for kind in ("prefill", "decode"):
+            passes.add_metric([kind], s.get(kind + "s", 0))
+            rows.add_metric([kind], s.get(kind + "_rows", 0))
+        yield passes
+        yield rows
+        yield CounterMetricFamily(
+            "dpicl_serving_aborted_requests",
+            "Serving requests aborted because their client went away",
+            value=s.get("aborted", 0),
+        )
+        yield GaugeMetricFamily(
+            "dpicl_serving_batch_rows_max",
+            "Most rows the running serving batch has held",
+            value=s.get("max_rows", 0),
+        )
+
+
+def track_serving(metrics: Metrics, backend: object) -> None:
+    """Export a serving backend's scheduler counts (a backend with a ``stats`` mapping)."""
+    stats = getattr(backend, "stats", None)
+    if isinstance(stats, Mapping):
+        metrics.registry.register(_ServingCollector(stats))
 
 
 def install_request_metrics(app: FastAPI, metrics: Metrics) -> None:

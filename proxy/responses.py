@@ -10,26 +10,32 @@ with one role chunk per choice).
 Invariants: every choice ends with a ``finish_reason`` (``"length"`` when the backend gave
 none); ``usage`` counts one completion token per event; a stream ends with ``data: [DONE]``;
 served-token metrics are counted once the events are exhausted, so an aborted stream counts
-nothing. Chunks are ``json.dumps`` with its default separators, JSON bodies FastAPI's.
+nothing. Chunks are ``json.dumps`` with its default separators, JSON bodies FastAPI's. Events
+come as a plain iterator (read in a worker thread) or an async iterator (read on the event loop:
+:meth:`Reply.ajson`, :meth:`Reply.stream`); both give the same bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi.responses import StreamingResponse
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 
 from proxy.metrics import Metrics
 from proxy.serving import TokenEvent
 
-__all__ = ["CHAT", "COMPLETION", "Reply", "Shape", "sse", "usage"]
+__all__ = ["CHAT", "COMPLETION", "Reply", "Shape", "sse", "until_disconnect", "usage"]
 
 Decode = Callable[[Sequence[int]], str]
+T = TypeVar("T")
 
 
 def usage(prompt: int, completion: int) -> dict[str, int]:
@@ -41,17 +47,49 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
     }
 
 
-def sse(chunks: Iterator[str]) -> StreamingResponse:
-    """Server-sent events: each chunk as ``data: …``, then ``data: [DONE]``."""
+def sse(chunks: Iterator[str] | AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events: each chunk as ``data: …``, then ``data: [DONE]``. A sync iterator
+    is read in Starlette's thread pool, an async one on the event loop."""
 
     def body() -> Iterator[str]:
+        assert isinstance(chunks, Iterator)
         for c in chunks:
             yield f"data: {c}\n\n"
         yield "data: [DONE]\n\n"
 
+    async def abody() -> AsyncIterator[str]:
+        assert isinstance(chunks, AsyncIterator)
+        async for c in chunks:
+            yield f"data: {c}\n\n"
+        yield "data: [DONE]\n\n"
+
+    content = abody() if isinstance(chunks, AsyncIterator) else body()
     return StreamingResponse(
-        body(), media_type="text/event-stream", headers={"cache-control": "no-cache"}
+        content, media_type="text/event-stream", headers={"cache-control": "no-cache"}
     )
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T | Response:
+    """Await ``work`` unless the client disconnects first: then ``work`` is cancelled (so a
+    request's events are abandoned and the backend aborts it) and an empty 499 response, which
+    nobody reads, is returned. The request body must have been read already (FastAPI has)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return Response(status_code=499)
+    finally:
+        watch.cancel()
 
 
 class Shape:
@@ -177,27 +215,29 @@ class Reply:
 
     def json(self, events: Iterator[TokenEvent]) -> dict[str, Any]:
         """The whole (non-streamed) response body."""
-        texts = [""] * self.n
-        finish: list[str | None] = [None] * self.n
-        lps = [self.shape.new_logprobs() for _ in range(self.n)]
-        count = 0
+        acc = _Collected(self)
         for ev in events:
-            if self.want_logprobs:
-                self.shape.add_logprob(lps[ev.index], ev, texts[ev.index], self.decode)
-            texts[ev.index] += ev.delta
-            count += 1
-            if ev.finish_reason:
-                finish[ev.index] = ev.finish_reason
-        self._count(count)
+            acc.add(ev)
+        return self._body(acc)
+
+    async def ajson(self, events: AsyncIterator[TokenEvent]) -> dict[str, Any]:
+        """:meth:`json` from an async iterator of events."""
+        acc = _Collected(self)
+        async for ev in events:
+            acc.add(ev)
+        return self._body(acc)
+
+    def _body(self, acc: _Collected) -> dict[str, Any]:
+        self._count(acc.count)
         choices = []
         for i in range(self.n):
-            name, value = self.shape.choice_text(self.prefix + texts[i])
+            name, value = self.shape.choice_text(self.prefix + acc.texts[i])
             choices.append(
                 {
                     "index": i,
                     name: value,
-                    "logprobs": self.shape.logprobs(lps[i]) if self.want_logprobs else None,
-                    "finish_reason": finish[i] or "length",
+                    "logprobs": self.shape.logprobs(acc.lps[i]) if self.want_logprobs else None,
+                    "finish_reason": acc.finish[i] or "length",
                 }
             )
         return {
@@ -206,7 +246,7 @@ class Reply:
             "created": self.created,
             "model": self.model,
             "choices": choices,
-            "usage": usage(self.prompt_tokens, count),
+            "usage": usage(self.prompt_tokens, acc.count),
         }
 
     def _chunk(self, choices: list[dict[str, Any]], *, with_usage: bool, usage_: Any = None) -> str:
@@ -221,29 +261,79 @@ class Reply:
             obj["usage"] = usage_
         return json.dumps(obj)
 
-    def _chunks(self, events: Iterator[TokenEvent], include_usage: bool) -> Iterator[str]:
-        every = include_usage and self.shape.usage_in_every_chunk  # chat: "usage": null
+    def _opening(self, every: bool) -> Iterator[str]:
         if self.shape.opens_with_role:
             for i in range(self.n):
                 role = {"role": "assistant", "content": ""}
                 choice = {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
                 yield self._chunk([choice], with_usage=every)
-        count = 0
-        for ev in events:
-            count += 1
-            if ev.delta or ev.finish_reason:
-                name, value = self.shape.delta(ev.delta)
-                choice = {
-                    "index": ev.index,
-                    name: value,
-                    "logprobs": None,
-                    "finish_reason": ev.finish_reason,
-                }
-                yield self._chunk([choice], with_usage=every)
+
+    def _event_chunk(self, ev: TokenEvent, every: bool) -> str | None:
+        if not (ev.delta or ev.finish_reason):
+            return None
+        name, value = self.shape.delta(ev.delta)
+        choice = {
+            "index": ev.index,
+            name: value,
+            "logprobs": None,
+            "finish_reason": ev.finish_reason,
+        }
+        return self._chunk([choice], with_usage=every)
+
+    def _closing(self, count: int, include_usage: bool) -> Iterator[str]:
         self._count(count, prompt=self.shape.counts_streamed_prompt)
         if include_usage:
             yield self._chunk([], with_usage=True, usage_=usage(self.prompt_tokens, count))
 
-    def stream(self, events: Iterator[TokenEvent], *, include_usage: bool) -> StreamingResponse:
-        """The streamed response: one chunk per event that adds text or finishes a choice."""
+    def _chunks(self, events: Iterator[TokenEvent], include_usage: bool) -> Iterator[str]:
+        every = include_usage and self.shape.usage_in_every_chunk  # chat: "usage": null
+        yield from self._opening(every)
+        count = 0
+        for ev in events:
+            count += 1
+            if (chunk := self._event_chunk(ev, every)) is not None:
+                yield chunk
+        yield from self._closing(count, include_usage)
+
+    async def _achunks(
+        self, events: AsyncIterator[TokenEvent], include_usage: bool
+    ) -> AsyncIterator[str]:
+        every = include_usage and self.shape.usage_in_every_chunk
+        for chunk in self._opening(every):
+            yield chunk
+        count = 0
+        async for ev in events:
+            count += 1
+            if (text := self._event_chunk(ev, every)) is not None:
+                yield text
+        for chunk in self._closing(count, include_usage):
+            yield chunk
+
+    def stream(
+        self, events: Iterator[TokenEvent] | AsyncIterator[TokenEvent], *, include_usage: bool
+    ) -> StreamingResponse:
+        """The streamed response: one chunk per event that adds text or finishes a choice.
+        Async events are streamed on the event loop (no thread per stream)."""
+        if isinstance(events, AsyncIterator):
+            return sse(self._achunks(events, include_usage))
         return sse(self._chunks(events, include_usage))
+
+
+class _Collected:
+    """A non-streamed response's choices, accumulated event by event."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+        self.texts = [""] * reply.n
+        self.finish: list[str | None] = [None] * reply.n
+        self.lps = [reply.shape.new_logprobs() for _ in range(reply.n)]
+        self.count = 0
+
+    def add(self, ev: TokenEvent) -> None:
+        r = self.reply
+        if r.want_logprobs:
+            r.shape.add_logprob(self.lps[ev.index], ev, self.texts[ev.index], r.decode)
+        self.texts[ev.index] += ev.delta
+        self.count += 1
+        if ev.finish_reason:
+            self.finish[ev.index] = ev.finish_reason

@@ -3,26 +3,38 @@
 Serving only ever sees released demonstrations (post-processing), never private records, and
 never touches a generation job's batches or cache salt.
 
-Two backends produce the same :class:`TokenEvent` stream, so the app builds identical
-responses from either: :class:`StepLoopBackend` samples token by token on the engine protocol
-(batch of one request, under the engine's lock), and, for a vLLM engine,
-:class:`proxy.vllm_serving.VLLMServing` lets vLLM's scheduler batch all requests in flight.
-:func:`proxy.backends.backend_for` picks one. This module imports neither of those two
-(``vllm_serving`` builds on the types here, never the other way round).
+Three backends produce the same :class:`TokenEvent` stream, so the app builds identical
+responses from any: :class:`StepLoopBackend` samples token by token on the engine protocol
+(batch of one request, under the engine's lock), :class:`proxy.batching.BatchingBackend`
+batches all requests in flight on an engine with resizable serving batches (the embedded
+engine: continuous batching), and, for a vLLM engine, :class:`proxy.vllm_serving.VLLMServing`
+lets vLLM's scheduler batch them. All sample with :func:`next_event`.
+:func:`proxy.backends.backend_for` picks one. This module imports none of the other two
+(they build on the types here, never the other way round).
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from dp_decoding.engines.base import Engine
 
-__all__ = ["Backend", "SamplingParams", "StepLoopBackend", "TokenEvent", "generate"]
+__all__ = [
+    "AsyncBackend",
+    "Backend",
+    "Choice",
+    "SamplingParams",
+    "StepLoopBackend",
+    "TokenEvent",
+    "generate",
+    "new_rng",
+    "next_event",
+]
 
 
 @dataclass
@@ -67,7 +79,7 @@ def _sample(lp: np.ndarray, params: SamplingParams, rng: np.random.Generator) ->
     return int(rng.choice(p.shape[0], p=p))
 
 
-class _Choice:
+class Choice:
     """Incremental detokenisation and stop-sequence handling for one row."""
 
     def __init__(self, engine: Engine, stops: Sequence[str]) -> None:
@@ -104,11 +116,52 @@ class _Choice:
         return out
 
 
+def _top(lp: np.ndarray, k: int) -> list[tuple[int, float]]:
+    if not k:
+        return []
+    idx = np.argpartition(-lp, k - 1)[:k]
+    idx = idx[np.argsort(-lp[idx])]
+    return [(int(t), float(lp[t])) for t in idx]
+
+
+def next_event(
+    engine: Engine,
+    choice: Choice,
+    index: int,
+    lp: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    *,
+    last: bool,
+) -> TokenEvent:
+    """Sample choice ``index``'s next token from its log-probabilities ``lp`` and account for it
+    (end of text, a stop sequence, or ``last``: the ``max_tokens``-th token); marks the choice
+    done when it finishes. The one sampling step of every backend built on the engine protocol."""
+    tok = _sample(lp, params, rng)
+    top = _top(lp, params.top_logprobs)
+    if tok in engine.eos_token_ids:
+        choice.done = True
+        return TokenEvent(index, tok, choice.flush(), float(lp[tok]), top, "stop")
+    delta, stopped = choice.push(tok)
+    finish = None
+    if stopped:
+        choice.done, finish = True, "stop"
+    elif last:
+        delta += choice.flush()
+        choice.done, finish = True, "length"
+    return TokenEvent(index, tok, delta, float(lp[tok]), top, finish)
+
+
+def new_rng(params: SamplingParams) -> np.random.Generator:
+    """The request's sampler: seeded by ``seed``, else from the OS."""
+    return np.random.default_rng(params.seed if params.seed is not None else secrets.randbits(64))
+
+
 def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
     """Sample ``params.n`` continuations of one prompt in one batch, token by token."""
-    rng = np.random.default_rng(params.seed if params.seed is not None else secrets.randbits(64))
+    rng = new_rng(params)
     batch = engine.start([prompt_ids] * params.n)
-    choices = [_Choice(engine, params.stop) for _ in range(params.n)]
+    choices = [Choice(engine, params.stop) for _ in range(params.n)]
     filler = next(iter(engine.eos_token_ids))
     try:
         for step in range(params.max_tokens):
@@ -118,26 +171,11 @@ def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> I
                 if c.done:
                     tokens.append(filler)
                     continue
-                tok = _sample(lp[i], params, rng)
-                top: list[tuple[int, float]] = []
-                if params.top_logprobs:
-                    idx = np.argpartition(-lp[i], params.top_logprobs - 1)[: params.top_logprobs]
-                    idx = idx[np.argsort(-lp[i][idx])]
-                    top = [(int(t), float(lp[i][t])) for t in idx]
-                if tok in engine.eos_token_ids:
-                    c.done = True
-                    yield TokenEvent(i, tok, c.flush(), float(lp[i][tok]), top, "stop")
-                    tokens.append(filler)
-                    continue
-                delta, stopped = c.push(tok)
-                finish = None
-                if stopped:
-                    c.done, finish = True, "stop"
-                elif step == params.max_tokens - 1:
-                    delta += c.flush()
-                    c.done, finish = True, "length"
-                yield TokenEvent(i, tok, delta, float(lp[i][tok]), top, finish)
-                tokens.append(tok)
+                ev = next_event(
+                    engine, c, i, lp[i], params, rng, last=step == params.max_tokens - 1
+                )
+                yield ev
+                tokens.append(filler if ev.token in engine.eos_token_ids else ev.token)
             if all(c.done for c in choices):
                 return
             batch.append(tokens)
@@ -156,6 +194,18 @@ class Backend(Protocol):
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, *, tenant: str | None = None
     ) -> Iterator[TokenEvent]: ...
+
+
+@runtime_checkable
+class AsyncBackend(Protocol):
+    """A backend that also feeds an event loop without a thread per request: ``agenerate``
+    (called on the loop) submits at once, so bad input is refused before any byte is sent,
+    and returns an async iterator of the same events; leaving it early (a client that went
+    away) aborts the request."""
+
+    def agenerate(
+        self, prompt_ids: list[int], params: SamplingParams, *, tenant: str | None = None
+    ) -> AsyncIterator[TokenEvent]: ...
 
 
 class StepLoopBackend:

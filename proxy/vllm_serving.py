@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.errors import APIError
+from proxy.phases import PhaseLock, share_engine_lock
 from proxy.serving import SamplingParams, TokenEvent
 
 __all__ = ["PhaseLock", "VLLMServing", "share_engine_lock"]
@@ -62,76 +63,6 @@ __all__ = ["PhaseLock", "VLLMServing", "share_engine_lock"]
 log = logging.getLogger("dpicl.serving")
 
 _DONE = object()  # end-of-stream marker in a request's output queue
-
-
-class PhaseLock:
-    """A FIFO lock, a drop-in for ``threading.Lock`` (``with``, ``acquire``, ``release``,
-    ``locked``), that also tells its holder how many threads wait for it.
-
-    FIFO: a releasing holder cannot barge back in ahead of a thread already waiting, which is
-    what makes private steps and serving waves alternate.
-    """
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition(threading.Lock())
-        self._held = False
-        self._queue: deque[object] = deque()
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        me = object()
-        with self._cv:
-            if not self._held and not self._queue:
-                self._held = True
-                return True
-            if not blocking:
-                return False
-            self._queue.append(me)
-            ok = self._cv.wait_for(
-                lambda: not self._held and self._queue[0] is me,
-                None if timeout is None or timeout < 0 else timeout,
-            )
-            self._queue.remove(me)
-            if ok:
-                self._held = True
-            else:
-                self._cv.notify_all()  # the next in line may be free to go now
-            return ok
-
-    def release(self) -> None:
-        with self._cv:
-            if not self._held:
-                raise RuntimeError("release of an unlocked PhaseLock")
-            self._held = False
-            self._cv.notify_all()
-
-    def locked(self) -> bool:
-        return self._held
-
-    @property
-    def waiting(self) -> int:
-        """Threads blocked in :meth:`acquire` right now."""
-        with self._cv:
-            return len(self._queue)
-
-    def __enter__(self) -> bool:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def share_engine_lock(engine: Any) -> PhaseLock:
-    """The engine's lock, made a :class:`PhaseLock` (once) and returned for serving to share.
-
-    ``VLLMEngine`` serialises its engine calls with ``with self.lock``; the proxy hands it a
-    PhaseLock through the engine's :meth:`use_lock` (the ``Locking`` capability): it keeps
-    ``with``/``acquire``/``release`` and adds FIFO hand-over plus a waiter count. It must happen
-    before any job step runs (``create_app`` builds the serving backend before the job runner);
-    a second call returns the same lock."""
-    if not isinstance(engine.lock, PhaseLock):
-        engine.use_lock(PhaseLock())
-    lock: PhaseLock = engine.lock
-    return lock
 
 
 @dataclass

@@ -3,7 +3,8 @@
 An engine is like an HTTP client's transport: :class:`Engine` is the one protocol every
 engine implements, optional abilities are separate protocols (:class:`ChatTemplating`,
 :class:`PublicBatches`, :class:`InEngineAggregation`, :class:`Describable`, :class:`Closable`,
-:class:`Locking`, :class:`ContextLimited`) checked with ``isinstance``, and
+:class:`Locking`, :class:`ContextLimited`, :class:`ContinuousBatching`) checked with
+``isinstance``, and
 :class:`~dp_decoding.engines.fake.FakeEngine` is shipped for tests. Adding an engine is one
 module plus one :func:`register_engine` line (built-ins: the ``_BUILTIN`` table below; each
 imports its module only when loaded, so optional extras stay optional).
@@ -19,11 +20,13 @@ from dp_decoding.engines.base import (
     ChatTemplating,
     Closable,
     ContextLimited,
+    ContinuousBatching,
     Describable,
     Engine,
     InEngineAggregation,
     Locking,
     PublicBatches,
+    ResizableBatch,
     context_limit,
 )
 
@@ -32,12 +35,14 @@ __all__ = [
     "ChatTemplating",
     "Closable",
     "ContextLimited",
+    "ContinuousBatching",
     "Describable",
     "Engine",
     "EngineFactory",
     "InEngineAggregation",
     "Locking",
     "PublicBatches",
+    "ResizableBatch",
     "context_limit",
     "engine_names",
     "load_engine",

@@ -18,7 +18,8 @@ runtime-checkable protocol, tested with ``isinstance`` (never ``getattr``):
 :class:`ChatTemplating` (serving), :class:`PublicBatches` (the engine must be told which
 batch holds only the public prompt), :class:`InEngineAggregation` (design 2),
 :class:`Describable` (facts for the released output), :class:`Closable`, :class:`Locking`
-(engine calls serialised by a lock a server may replace) and :class:`ContextLimited`.
+(engine calls serialised by a lock a server may replace), :class:`ContextLimited` and
+:class:`ContinuousBatching` (serving batches whose rows join and leave between decode steps).
 :mod:`dp_decoding.engines.fake` ships a deterministic engine for tests.
 """
 
@@ -144,6 +145,36 @@ class Locking(Protocol):
 
     def use_lock(self, lock: AbstractContextManager[Any]) -> None:
         """Serialise every later engine call with ``lock`` instead of the engine's own."""
+        ...
+
+
+@runtime_checkable
+class ResizableBatch(Batch, Protocol):
+    """A *serving* batch whose rows join and leave between decode steps (continuous batching).
+
+    Only serving (public) rows: a private batch is never merged or resized, and a serving
+    batch never holds a private row (the phase separation of docs/ARCHITECTURE.md §7)."""
+
+    def merge(self, other: ResizableBatch) -> None:
+        """Append ``other``'s rows (prefilled by their own engine call) after this batch's rows;
+        ``other`` is consumed. Each row's next-token log-probabilities are kept."""
+        ...
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (indices, in order), freeing the others' cached state."""
+        ...
+
+
+@runtime_checkable
+class ContinuousBatching(Protocol):
+    """Starts :class:`ResizableBatch` es for serving (used when ``supports_continuous_batching``
+    is true): the serving scheduler (``proxy/batching.py``) merges newcomers into its running
+    batch and drops finished or abandoned rows between decode steps."""
+
+    supports_continuous_batching: bool
+
+    def start_serving(self, prompts: Sequence[Sequence[int]]) -> ResizableBatch:
+        """Prefill ``prompts`` (serving rows, unpadded) as one engine call."""
         ...
 
 

@@ -3,6 +3,11 @@ computes bf16, float32 elsewhere: see :mod:`dp_decoding.engines.dtype`).
 
 Rows are left-padded so every row's next token sits in the last column; the KV cache of the
 prefill is kept and each ``append`` runs a single batched decode step over it.
+
+Serving batches (``start_serving``) are also resizable, for continuous batching: ``merge`` appends
+a separately prefilled batch's rows (both left-padded, with their masks and KV caches, to the
+longer of the two widths; the padding stays masked, positions are per row) and ``keep`` drops
+rows and then the leading columns no remaining row attends to. Private batches never do either.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dp_decoding.engines.base import check_prompts
+from dp_decoding.engines.base import ResizableBatch, check_prompts
 from dp_decoding.engines.dtype import default_dtype
 from dp_decoding.engines.hf_tokenizer import HFTokenizerMixin
 from dp_decoding.engines.model_files import MODEL_NAME, ensure_model_dir
@@ -61,6 +66,10 @@ class EmbeddedEngine(HFTokenizerMixin):
         self.threads = torch.get_num_threads()
         """Fixed at load: every job on this engine runs with the same thread count and dtype."""
         self.lock: AbstractContextManager[Any] = threading.Lock()
+        from transformers import DynamicCache
+
+        self.supports_continuous_batching = hasattr(DynamicCache(), "layers")
+        """Serving batches can merge and keep rows (needs the per-layer cache of transformers 5)."""
 
     def use_lock(self, lock: AbstractContextManager[Any]) -> None:
         """Serialise every later engine call with ``lock`` (a server's shared lock) instead of
@@ -74,6 +83,12 @@ class EmbeddedEngine(HFTokenizerMixin):
         prompts' own lengths; a longer prompt is refused."""
         check_prompts(prompts, width)
         return EmbeddedBatch(self, prompts, width)
+
+    def start_serving(self, prompts: Sequence[Sequence[int]]) -> EmbeddedBatch:
+        """Prefill serving rows (unpadded: each masked to its own length) as one engine call;
+        the batch can then ``merge`` and ``keep`` (:class:`engines.base.ResizableBatch`)."""
+        check_prompts(prompts, None)
+        return EmbeddedBatch(self, prompts, None)
 
 
 class EmbeddedBatch:
@@ -132,19 +147,60 @@ class EmbeddedBatch:
         self._positions = self._positions + 1
         self._last_logits = self._forward(ids, self._mask, self._positions.unsqueeze(1))
 
+    def merge(self, other: ResizableBatch) -> None:
+        """Append ``other``'s rows (a serving batch of this engine) after this batch's rows."""
+        if not isinstance(other, EmbeddedBatch) or other._engine is not self._engine:
+            raise TypeError("merge() takes a serving batch of the same engine")
+        if self._last_logits is None or other._last_logits is None:
+            raise RuntimeError("batch is closed")
+        torch = self._engine._torch
+        pad = torch.nn.functional.pad
+        a, b = int(self._mask.shape[1]), int(other._mask.shape[1])
+        width = max(a, b)
+        self._mask = torch.cat([pad(self._mask, (width - a, 0)), pad(other._mask, (width - b, 0))])
+        self._positions = torch.cat([self._positions, other._positions])
+        self._last_logits = torch.cat([self._last_logits, other._last_logits])
+        for mine, theirs in zip(_kv_layers(self._cache), _kv_layers(other._cache), strict=True):
+            for name in ("keys", "values"):
+                x, y = getattr(mine, name), getattr(theirs, name)  # [rows, heads, width, dim]
+                setattr(
+                    mine,
+                    name,
+                    torch.cat([pad(x, (0, 0, width - a, 0)), pad(y, (0, 0, width - b, 0))]),
+                )
+        other.close()
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows``; then drop the leading columns that every kept row masks."""
+        if self._last_logits is None:
+            raise RuntimeError("batch is closed")
+        torch = self._engine._torch
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        mask = self._mask[idx]
+        seen = mask.any(dim=0)
+        lead = int(torch.argmax(seen.to(torch.int8))) if bool(seen.any()) else 0
+        self._mask = mask[:, lead:]
+        self._positions = self._positions[idx]
+        self._last_logits = self._last_logits[idx]
+        for layer in _kv_layers(self._cache):
+            for name in ("keys", "values"):
+                setattr(layer, name, getattr(layer, name)[idx, :, lead:, :])
+
     def kv_bytes(self) -> int:
         """Bytes held by this batch's KV cache (for sizing M)."""
         total = 0
-        cache = self._cache
-        layers = getattr(cache, "layers", None)
-        if layers is not None:
-            for layer in layers:
-                for name in ("keys", "values"):
-                    t = getattr(layer, name, None)
-                    if t is not None:
-                        total += t.numel() * t.element_size()
+        for layer in _kv_layers(self._cache):
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if t is not None:
+                    total += t.numel() * t.element_size()
         return total
 
     def close(self) -> None:
         self._cache = None
         self._last_logits = None
+
+
+def _kv_layers(cache: Any) -> list[Any]:
+    """The layers of a transformers cache (``keys``/``values``: ``[rows, heads, length, dim]``)."""
+    return list(getattr(cache, "layers", None) or [])

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from dp_decoding.engines import ChatTemplating, context_limit
 from prompts import demonstrations_system_prompt, generic_task, get_task
@@ -20,9 +21,9 @@ from proxy.auth import require_key
 from proxy.context import AppContext, get_context
 from proxy.errors import APIError, model_not_found
 from proxy.limits import Limits
-from proxy.responses import CHAT, COMPLETION, Reply
+from proxy.responses import CHAT, COMPLETION, Reply, until_disconnect
 from proxy.schemas import ChatCompletionRequest, CompletionRequest
-from proxy.serving import SamplingParams
+from proxy.serving import AsyncBackend, SamplingParams
 from proxy.store import ApiKey
 
 __all__ = ["DEFAULT_MAX_TOKENS", "router"]
@@ -131,30 +132,52 @@ def _chat_messages(body: ChatCompletionRequest, prefix: str | None) -> list[dict
     return messages
 
 
-def _respond(
+async def _respond(
+    request: Request,
     context: AppContext,
     key: ApiKey,
     body: ChatCompletionRequest | CompletionRequest,
     reply: Reply,
     prompt_ids: list[int],
     params: SamplingParams,
-) -> dict[str, Any] | StreamingResponse:
+) -> dict[str, Any] | Response:
     """Submit to the serving backend (which may refuse with a 400 before any byte is sent),
-    then answer as one JSON body or as a stream."""
-    events = context.backend.generate(prompt_ids, params, tenant=key.tenant_id)
+    then answer as one JSON body or as a stream.
+
+    A backend that feeds the event loop (:class:`AsyncBackend`: continuous batching) holds no
+    thread per request, and a client that disconnects aborts its request, streamed or not.
+    Other backends are iterated in the thread pool, as before."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    backend = context.backend
+    if isinstance(backend, AsyncBackend):
+        events = backend.agenerate(prompt_ids, params, tenant=key.tenant_id)
+        if body.stream:
+            return reply.stream(events, include_usage=include_usage)
+        return await until_disconnect(request, reply.ajson(events))
+    sync_events = await run_in_threadpool(
+        backend.generate, prompt_ids, params, tenant=key.tenant_id
+    )
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return reply.stream(events, include_usage=include_usage)
-    return reply.json(events)
+        return reply.stream(sync_events, include_usage=include_usage)
+    return await run_in_threadpool(reply.json, sync_events)
 
 
 @router.post("/v1/chat/completions", response_model=None)
-def chat(
+async def chat(
+    request: Request,
     body: ChatCompletionRequest,
     key: ApiKey = Depends(require_key),
     context: AppContext = Depends(get_context),
-) -> dict[str, Any] | StreamingResponse:
+) -> dict[str, Any] | Response:
     context.limits.check_chat(body)  # bounded before any tokenization (proxy.limits)
+    reply, prompt_ids, params = await run_in_threadpool(_chat_request, body, key, context)
+    return await _respond(request, context, key, body, reply, prompt_ids, params)
+
+
+def _chat_request(
+    body: ChatCompletionRequest, key: ApiKey, context: AppContext
+) -> tuple[Reply, list[int], SamplingParams]:
+    """The store look-up and the chat template (blocking: run in the thread pool)."""
     messages = _chat_messages(body, _demo_prefix(context, key, body.model))
     engine = context.engine
     # The serving engine templates chats (every built-in engine does: ChatTemplating).
@@ -178,16 +201,25 @@ def chat(
         engine.decode,
         want_logprobs=body.logprobs,
     )
-    return _respond(context, key, body, reply, prompt_ids, params)
+    return reply, prompt_ids, params
 
 
 @router.post("/v1/completions", response_model=None)
-def completions(
+async def completions(
+    request: Request,
     body: CompletionRequest,
     key: ApiKey = Depends(require_key),
     context: AppContext = Depends(get_context),
-) -> dict[str, Any] | StreamingResponse:
+) -> dict[str, Any] | Response:
     context.limits.check_completion(body)  # bounded before any tokenization (proxy.limits)
+    reply, prompt_ids, params = await run_in_threadpool(_completion_request, body, key, context)
+    return await _respond(request, context, key, body, reply, prompt_ids, params)
+
+
+def _completion_request(
+    body: CompletionRequest, key: ApiKey, context: AppContext
+) -> tuple[Reply, list[int], SamplingParams]:
+    """The store look-up and the tokenizer (blocking: run in the thread pool)."""
     prefix = _demo_prefix(context, key, body.model)
     prompt = body.prompt_text()
     if prefix:
@@ -211,4 +243,4 @@ def completions(
         want_logprobs=body.logprobs is not None,
         prefix=body.prompt_text() if body.echo else "",
     )
-    return _respond(context, key, body, reply, prompt_ids, params)
+    return reply, prompt_ids, params

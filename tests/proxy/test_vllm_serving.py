@@ -103,8 +103,11 @@ def test_share_engine_lock_swaps_the_engines_lock_once() -> None:
     assert share_engine_lock(engine) is lock
 
 
-def test_non_vllm_engines_keep_the_step_loop() -> None:
-    assert isinstance(backend_for(FakeEngine()), StepLoopBackend)
+def test_engines_without_vllm_or_resizable_batches_keep_the_step_loop() -> None:
+    class Plain(FakeEngine):
+        supports_continuous_batching = False
+
+    assert isinstance(backend_for(Plain()), StepLoopBackend)
 
 
 # -- in process: the phase separation on a real vLLM engine -------------------------------------
