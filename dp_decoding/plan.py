@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ from accountant import JobEvent
 from dp_decoding import plan_spec
 from dp_decoding.mechanisms import Mechanism, MechanismSpec, PublicTokenGate
 from dp_decoding.mechanisms import registry as mechanisms
+from prompts import TaskFormat, check_declaration, declared_task
 
 __all__ = [
     "DEFAULTS",
@@ -90,6 +92,26 @@ class Plan:
     demonstration; the others are the public model's. Fixed regime, exponential, public top-k."""
     gate_threshold: float | None = None
     """θ of the gate, as a total-variation distance in (0, 1] (the threshold is θ·M)."""
+    description: str | None = None
+    """Generic task: what one record is (public, declared; shown in every prompt)."""
+    label_words: tuple[tuple[str, str], ...] | None = None
+    """Generic task: (label, word) pairs, in label order (a dict in :meth:`to_dict`)."""
+    label_descriptions: tuple[tuple[str, str], ...] | None = None
+    """Generic task: (label, one-line description) pairs (a dict in :meth:`to_dict`)."""
+    instruction: str | None = None
+    """Generic task: the classification instruction (None: the generic one)."""
+
+    def prompt_task(self) -> TaskFormat:
+        """The prompt format of every prompt of this job: the preset task, or the generic
+        one with the declared description and label words (:func:`prompts.declared_task`)."""
+        return declared_task(
+            self.task,
+            self.labels,
+            description=self.description,
+            label_words=_as_dict(self.label_words),
+            label_descriptions=_as_dict(self.label_descriptions),
+            instruction=self.instruction,
+        )
 
     @property
     def labels_source(self) -> Literal["declared"]:
@@ -147,6 +169,8 @@ class Plan:
         d["candidate_token_ids"] = (
             None if self.candidate_token_ids is None else list(self.candidate_token_ids)
         )
+        d["label_words"] = _as_dict(self.label_words)
+        d["label_descriptions"] = _as_dict(self.label_descriptions)
         d["noise_multiplier"] = self.noise_multiplier
         d["event"] = None if self.is_nonprivate else self.event().to_dict()
         d["epsilon"] = _json_float(self.epsilon())
@@ -180,7 +204,17 @@ class Plan:
             kw["candidate_token_ids"] = tuple(int(t) for t in kw["candidate_token_ids"])
         for key in ("epsilon_target", "epsilon0"):
             kw[key] = _from_json_float(kw.get(key))
+        for key in ("label_words", "label_descriptions"):
+            kw[key] = _as_pairs(kw.get(key))
         return cls(**kw)
+
+
+def _as_dict(pairs: tuple[tuple[str, str], ...] | None) -> dict[str, str] | None:
+    return None if pairs is None else dict(pairs)
+
+
+def _as_pairs(mapping: Mapping[str, str] | None) -> tuple[tuple[str, str], ...] | None:
+    return None if mapping is None else tuple((str(k), str(v)) for k, v in mapping.items())
 
 
 def _is_required(f: dataclasses.Field[Any]) -> bool:
@@ -221,6 +255,10 @@ def make_plan(
     public_prior: float = DEFAULTS["public_prior"],
     gate_cutoff: int | None = DEFAULTS["gate_cutoff"],
     gate_threshold: float | None = DEFAULTS["gate_threshold"],
+    description: str | None = DEFAULTS["description"],
+    label_words: Mapping[str, str] | None = DEFAULTS["label_words"],
+    label_descriptions: Mapping[str, str] | None = DEFAULTS["label_descriptions"],
+    instruction: str | None = DEFAULTS["instruction"],
 ) -> Plan:
     """Validate declared parameters and calibrate the noise to ``epsilon`` at ``delta``.
     Every keyword but ``labels``, ``task`` and ``model`` is a row of
@@ -228,6 +266,14 @@ def make_plan(
     labels = tuple(dict.fromkeys(str(x) for x in labels))
     if not labels:
         raise PlanError("the label set is empty")
+    declaration = _check_declaration(
+        task,
+        labels,
+        description=description,
+        label_words=label_words,
+        label_descriptions=label_descriptions,
+        instruction=instruction,
+    )
     _check_each(
         epsilon=epsilon,
         delta=delta,
@@ -296,7 +342,26 @@ def make_plan(
         public_prior=float(public_prior),
         gate_cutoff=gate_cutoff,
         gate_threshold=gate_threshold,
+        description=declaration["description"],
+        label_words=_as_pairs(declaration["label_words"]),
+        label_descriptions=_as_pairs(declaration["label_descriptions"]),
+        instruction=declaration["instruction"],
     )
+
+
+def _check_declaration(task: str, labels: tuple[str, ...], **declared: Any) -> dict[str, Any]:
+    """The task's declaration, checked (:func:`prompts.check_declaration`): generic tasks
+    only (a preset task has its own wording), one line each, declared labels only."""
+    if task != "generic" and any(v is not None for v in declared.values()):
+        raise PlanError(
+            "--description, --label-words and --instruction (API: description, label_words, "
+            f"label_descriptions, instruction) declare a generic task; the preset task {task!r} "
+            "has its own"
+        )
+    try:
+        return check_declaration(labels, **declared)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def _check_each(

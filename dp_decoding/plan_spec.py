@@ -38,6 +38,7 @@ __all__ = [
     "api_field",
     "api_params",
     "by_name",
+    "label_map",
     "cli_params",
     "defaults",
     "plan_kwargs_from_args",
@@ -57,6 +58,20 @@ def positive_float(text: str) -> float:
     return v
 
 
+def label_map(text: str) -> dict[str, str]:
+    """``LABEL=WORD,LABEL=WORD`` from the command line as a dict (a one-line error for a
+    piece without ``=`` or with an empty side; the plan checks the rest)."""
+    out: dict[str, str] = {}
+    for piece in text.split(","):
+        label, sep, word = piece.partition("=")
+        if not sep or not label.strip() or not word.strip():
+            raise argparse.ArgumentTypeError(f"not LABEL=WORD: {piece.strip()!r}")
+        if label.strip() in out:
+            raise argparse.ArgumentTypeError(f"label {label.strip()!r} given twice")
+        out[label.strip()] = word.strip()
+    return out
+
+
 @dataclass(frozen=True)
 class CliSpec:
     """How a parameter appears on the command line (``dest`` is the parameter's name, the
@@ -68,8 +83,9 @@ class CliSpec:
     choices: tuple[str, ...] | None = None
     """Only where the command line admits fewer values than the plan (None: the plan's)."""
     metavar: str | None = None
-    section: Literal["unit", "privacy"] = "privacy"
-    """Where ``--help`` lists it: with the data options ("unit") or with the privacy ones."""
+    section: Literal["unit", "task", "privacy"] = "privacy"
+    """Where ``--help`` lists it: with the data options ("unit"), with the task's declaration
+    ("task", also on ``dpicl eval``) or with the privacy ones."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,56 @@ PARAMS: tuple[PlanParam, ...] = (
             section="unit",
         ),
         api=ApiSpec({"default": "record"}),
+    ),
+    PlanParam(
+        "description",
+        str,
+        None,
+        optional=True,
+        cli=CliSpec(
+            ("--description",),
+            "generic task: what one record is, in one line (e.g. 'A short movie review.'); "
+            "public, shown in every prompt, never read from the data",
+            metavar="TEXT",
+            section="task",
+        ),
+        api=ApiSpec({"default": None}),
+    ),
+    PlanParam(
+        "label_words",
+        dict,
+        None,
+        optional=True,
+        cli=CliSpec(
+            ("--label-words",),
+            "generic task: the word the model sees for each label, LABEL=WORD,... "
+            "(default: the label itself)",
+            label_map,
+            metavar="LABEL=WORD,...",
+            section="task",
+        ),
+        api=ApiSpec({"default": None}),
+    ),
+    PlanParam(
+        "label_descriptions",
+        dict,
+        None,
+        optional=True,
+        api=ApiSpec({"default": None}),
+    ),
+    PlanParam(
+        "instruction",
+        str,
+        None,
+        optional=True,
+        cli=CliSpec(
+            ("--instruction",),
+            "generic task: the classification instruction, in one line (default: 'Classify "
+            "the inputs into the categories of ...')",
+            metavar="TEXT",
+            section="task",
+        ),
+        api=ApiSpec({"default": None}),
     ),
     PlanParam(
         "epsilon",
@@ -324,7 +390,9 @@ def api_params() -> tuple[PlanParam, ...]:
 
 
 # -- command line ------------------------------------------------------------------------------
-def add_cli_arguments(p: argparse.ArgumentParser, *, section: Literal["unit", "privacy"]) -> None:
+def add_cli_arguments(
+    p: argparse.ArgumentParser, *, section: Literal["unit", "task", "privacy"]
+) -> None:
     """Add the options of ``section``'s parameters to ``p``, in table order (``dest`` is
     always the parameter's name)."""
     for param in PARAMS:
