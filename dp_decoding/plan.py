@@ -49,6 +49,10 @@ Candidates = Literal["public-topk", "all", "list"]
 
 DEFAULTS: dict[str, Any] = plan_spec.defaults()
 """Every declared parameter's default, from the one table :data:`dp_decoding.plan_spec.PARAMS`."""
+DEFAULT_PRIOR = 1.0
+"""λ when ``public_prior`` is not declared (None) and the mechanism and candidates admit it
+(exponential, public top-k): the public model's own distribution (docs/results.md,
+"Defaults for a new task"); 0 elsewhere."""
 
 _DERIVED_KEYS = frozenset(
     {"labels_source", "noise_multiplier", "event", "epsilon", "epsilon_rdp", "accounting"}
@@ -252,7 +256,7 @@ def make_plan(
     privacy_unit: str = DEFAULTS["privacy_unit"],
     task: str = "generic",
     model: str = "",
-    public_prior: float = DEFAULTS["public_prior"],
+    public_prior: float | None = DEFAULTS["public_prior"],
     gate_cutoff: int | None = DEFAULTS["gate_cutoff"],
     gate_threshold: float | None = DEFAULTS["gate_threshold"],
     description: str | None = DEFAULTS["description"],
@@ -303,6 +307,8 @@ def make_plan(
     else:
         candidate_token_ids = None
 
+    if public_prior is None:  # the default: the public prior wherever it is admitted
+        public_prior = DEFAULT_PRIOR if spec.public_prior and candidates == "public-topk" else 0.0
     gate_threshold = _check_prior_and_gate(
         spec, regime, candidates, max_tokens, public_prior, gate_cutoff, gate_threshold
     )

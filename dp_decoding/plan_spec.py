@@ -221,11 +221,11 @@ PARAMS: tuple[PlanParam, ...] = (
     PlanParam(
         "max_tokens",
         int,
-        64,
+        20,
         low=1,
         high=4096,
         cli=CliSpec(("--max-tokens",), "T: tokens per demonstration", int),
-        api=ApiSpec({"default": 64, "ge": 1, "le": 512}),
+        api=ApiSpec({"default": 20, "ge": 1, "le": 512}),
         eval_key="T",
     ),
     PlanParam(
@@ -257,7 +257,7 @@ PARAMS: tuple[PlanParam, ...] = (
     PlanParam(
         "prompts",
         int,
-        64,
+        12,
         low=1,
         high=4096,
         cli=CliSpec(("--prompts", "-M"), "M: private prompts per step", int),
@@ -267,7 +267,7 @@ PARAMS: tuple[PlanParam, ...] = (
     PlanParam(
         "examples_per_prompt",
         int,
-        1,
+        2,
         low=1,
         cli=CliSpec(("--examples-per-prompt", "-N"), "N: private examples per prompt", int),
         api=ApiSpec({"default": None, "ge": 1, "le": 64}, none_means_default=True),
@@ -276,10 +276,10 @@ PARAMS: tuple[PlanParam, ...] = (
     PlanParam(
         "mechanism",
         str,
-        "gaussian",
+        "exponential",
         choices=_mechanism_names,
         cli=CliSpec(("--mechanism",), "Gaussian noisy argmax or the exponential mechanism"),
-        api=ApiSpec({"default": "gaussian"}),
+        api=ApiSpec({"default": "exponential"}),
     ),
     PlanParam(
         "candidates",
@@ -305,17 +305,18 @@ PARAMS: tuple[PlanParam, ...] = (
     PlanParam(
         "public_prior",
         float,
-        0.0,
+        None,
+        optional=True,
         low=0.0,
         cli=CliSpec(
             ("--public-prior",),
             "exponential mechanism with public-topk only: sample ∝ p_pub^λ·exp(ε₀·s/2), the "
-            "public prompt's probabilities as a data-free prior (same ε; 0 = off; 1 recommended "
-            "at small ε, see docs/results.md)",
+            "public prompt's probabilities as a data-free prior (same ε; 0 = off; default: 1 "
+            "where admitted, else 0; see docs/results.md)",
             float,
             metavar="LAMBDA",
         ),
-        api=ApiSpec({"default": 0.0, "ge": 0, "le": 16}),
+        api=ApiSpec({"default": None, "ge": 0, "le": 16}),
     ),
     PlanParam(
         "gate_cutoff",

@@ -129,7 +129,7 @@ class DemonstrationJobRequest(_Body):
     examples_per_prompt: int | None = api_field("examples_per_prompt")
     candidates: Literal["public-topk", "all"] = api_field("candidates")
     top_k: int | None = api_field("top_k")
-    public_prior: float = api_field("public_prior")
+    public_prior: float | None = api_field("public_prior")
     gate_cutoff: int | None = api_field("gate_cutoff")
     gate_threshold: float | None = api_field("gate_threshold")
     task: Literal["generic", "agnews", "dbpedia", "trec"] = "generic"

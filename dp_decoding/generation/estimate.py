@@ -19,9 +19,10 @@ from dp_decoding.plan import Plan
 
 __all__ = ["Estimate", "MAX_ROWS", "count", "describe", "warm_up"]
 
-MAX_ROWS = 128
+MAX_ROWS = 64
 """Private rows one engine call holds at most (a wave: ``max(1, MAX_ROWS // M)``
-demonstrations); the generator's default."""
+demonstrations); the generator's default. 64 keeps the default 16-demonstration job under
+2 GiB resident (docs/benchmarks.md); the KV cache grows with rows × (width + T)."""
 
 
 @dataclass(frozen=True)
