@@ -66,9 +66,10 @@ def count(plan: Plan, width: int, public_tokens: int, max_rows: int = MAX_ROWS) 
 
 
 def warm_up(engine: Engine, plan: Plan, est: Estimate, width: int, row: list[int]) -> Estimate:
-    """``est`` with seconds: one wave's prefill and two decode steps timed on ``engine``, on
-    ``row`` (a data-free prompt) padded to ``width``; scaled to the job's waves and T."""
-    rows = [list(row[:width])] * (est.rows_per_wave if plan.regime == "fixed" else plan.M)
+    """``est`` with seconds: the prefill and two decode steps of one demonstration's M rows,
+    timed on ``engine`` on ``row`` (a data-free prompt) padded to ``width``, scaled to the
+    job's waves and T (linearly in rows: an upper bound, batching is cheaper per row)."""
+    rows = [list(row[:width])] * plan.M
     t0 = time.perf_counter()
     batch = engine.start(rows, width=width)
     try:
@@ -84,7 +85,7 @@ def warm_up(engine: Engine, plan: Plan, est: Estimate, width: int, row: list[int
         batch.close()
     T = plan.max_tokens
     if plan.regime == "fixed":
-        seconds = est.waves * (prefill + T * step)
+        seconds = est.demonstrations * (prefill + T * step)
     else:
         seconds = est.demonstrations * T * prefill
     return Estimate(**{**est.__dict__, "seconds": seconds})

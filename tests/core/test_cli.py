@@ -71,7 +71,7 @@ def test_missing_field(tmp_path: Path) -> None:
         (["--regime", "resampled"], "--q"),
         (["--q", "0.1"], "resampled regime only"),
         (["--prompts", "0"], "prompts"),
-        (["--public-prior", "1"], "public-prior"),  # needs the exponential mechanism
+        (["--mechanism", "gaussian", "--public-prior", "1"], "public-prior"),  # exponential only
         (["--mechanism", "exponential", "--public-prior", "-1"], "public-prior"),
     ],
 )
