@@ -247,7 +247,11 @@ def test_api_plan_job_and_serving_prompt_use_the_declaration(tmp_path: Path) -> 
                 files={"file": ("d.jsonl", rows.encode())},
             )
             out = [await c.post("/v1/private/demonstrations/plan", headers=h, json=body)]
-            for bad in ({"description": "a\nb"}, {"label_words": {"C": "x"}}, {"description": ""}):
+            for bad in (
+                {"description": "a\nb"},
+                {"labels": ["A", "B"], "label_words": {"C": "x"}},
+                {"description": ""},
+            ):
                 out.append(
                     await c.post("/v1/private/demonstrations/plan", headers=h, json={**body, **bad})
                 )
