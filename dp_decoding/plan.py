@@ -30,6 +30,7 @@ from dp_decoding import plan_spec
 from dp_decoding.mechanisms import Mechanism, MechanismSpec, PublicTokenGate
 from dp_decoding.mechanisms import registry as mechanisms
 from prompts import TaskFormat, check_declaration, declared_task
+from prompts.declared import DECLARATION_KEYS
 
 __all__ = [
     "DEFAULTS",
@@ -271,12 +272,7 @@ def make_plan(
     if not labels:
         raise PlanError("the label set is empty")
     declaration = _check_declaration(
-        task,
-        labels,
-        description=description,
-        label_words=label_words,
-        label_descriptions=label_descriptions,
-        instruction=instruction,
+        task, labels, description, label_words, label_descriptions, instruction
     )
     _check_each(
         epsilon=epsilon,
@@ -292,23 +288,9 @@ def make_plan(
         example_token_limit=example_token_limit,
     )
     spec = mechanisms.get(mechanism)
-    if regime == "resampled":
-        _check(q is not None, "the resampled regime needs a declared --q (Poisson rate)")
-        _check(0 < q <= 1, "q must be in (0, 1]")  # type: ignore[operator]
-    else:
-        _check(q is None, "q applies to the resampled regime only (the fixed regime has none)")
-    if candidates == "public-topk":
-        _check(top_k is not None and top_k >= 1, "top-k must be a positive integer")
-    else:
-        top_k = None
-    if candidates == "list":
-        _check(bool(candidate_token_ids), "candidates=list needs candidate token ids")
-        candidate_token_ids = tuple(int(t) for t in dict.fromkeys(candidate_token_ids or ()))
-    else:
-        candidate_token_ids = None
-
-    if public_prior is None:  # the default: the public prior wherever it is admitted
-        public_prior = DEFAULT_PRIOR if spec.public_prior and candidates == "public-topk" else 0.0
+    _check_q(regime, q)
+    top_k, candidate_token_ids = _check_candidates(candidates, top_k, candidate_token_ids)
+    public_prior = _default_prior(spec, candidates, public_prior)
     gate_threshold = _check_prior_and_gate(
         spec, regime, candidates, max_tokens, public_prior, gate_cutoff, gate_threshold
     )
@@ -355,9 +337,44 @@ def make_plan(
     )
 
 
-def _check_declaration(task: str, labels: tuple[str, ...], **declared: Any) -> dict[str, Any]:
-    """The task's declaration, checked (:func:`prompts.check_declaration`): generic tasks
-    only (a preset task has its own wording), one line each, declared labels only."""
+def _check_q(regime: str, q: float | None) -> None:
+    if regime == "resampled":
+        _check(q is not None, "the resampled regime needs a declared --q (Poisson rate)")
+        _check(0 < q <= 1, "q must be in (0, 1]")  # type: ignore[operator]
+    else:
+        _check(q is None, "q applies to the resampled regime only (the fixed regime has none)")
+
+
+def _default_prior(spec: MechanismSpec, candidates: str, public_prior: float | None) -> float:
+    """A declared λ as it is; None (the default): the public prior wherever it is admitted."""
+    if public_prior is not None:
+        return public_prior
+    return DEFAULT_PRIOR if spec.public_prior and candidates == "public-topk" else 0.0
+
+
+def _check_candidates(
+    candidates: str, top_k: int | None, ids: list[int] | tuple[int, ...] | None
+) -> tuple[int | None, tuple[int, ...] | None]:
+    """K for public top-k (None otherwise) and the declared ids for a list (None otherwise)."""
+    if candidates == "public-topk":
+        _check(top_k is not None and top_k >= 1, "top-k must be a positive integer")
+    else:
+        top_k = None
+    if candidates != "list":
+        return top_k, None
+    _check(bool(ids), "candidates=list needs candidate token ids")
+    return top_k, tuple(int(t) for t in dict.fromkeys(ids or ()))
+
+
+def _check_declaration(
+    task: str,
+    labels: tuple[str, ...],
+    *values: Any,
+) -> dict[str, Any]:
+    """The task's declaration (description, label words, label descriptions, instruction,
+    in that order), checked (:func:`prompts.check_declaration`): generic tasks only (a preset
+    task has its own wording), one line each, declared labels only."""
+    declared = dict(zip(DECLARATION_KEYS, values, strict=True))
     if task != "generic" and any(v is not None for v in declared.values()):
         raise PlanError(
             "--description, --label-words and --instruction (API: description, label_words, "

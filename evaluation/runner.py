@@ -415,6 +415,10 @@ def run_eval(cfg: EvalConfig, engine_factory: Callable[[], Any] | None = None) -
 def _start_engine(cfg: EvalConfig, engine_factory: Callable[[], Any] | None) -> Any:
     if engine_factory is not None:
         return engine_factory()
+    if cfg.quiet:  # no weight-loading bar either
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if cfg.engine != "embedded":
         from dp_decoding.engines import load_engine
 

@@ -94,7 +94,7 @@ def test_extraction_task_is_refused_cleanly(good: Path) -> None:
 def test_plan_prints_defaults_and_guarantee(good: Path) -> None:
     r = dpicl("plan", "--data", str(good), *LABELS)
     assert r.returncode == 0, r.stderr
-    for word in ("regime", "mechanism", "sigma", "epsilon", "guarantee", "['A', 'B']"):
+    for word in ("regime", "mechanism", "epsilon0", "epsilon", "guarantee", "['A', 'B']"):
         assert word in r.stdout
     assert "taken as public" not in r.stdout and "read from the data" not in r.stdout
     assert SECRET not in r.stdout

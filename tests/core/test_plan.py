@@ -59,9 +59,14 @@ def test_resampled_gaussian_plan_composes_shots_times_tokens() -> None:
 
 
 def test_user_level_privacy_composes_labels_sequentially() -> None:
-    g = {"max_tokens": 10, "mechanism": "gaussian"}
-    rec = make_plan(labels=["a", "b", "c"], epsilon=4.0, **g)
-    usr = make_plan(labels=["a", "b", "c"], epsilon=4.0, privacy_unit="user", **g)
+    rec = make_plan(labels=["a", "b", "c"], epsilon=4.0, max_tokens=10, mechanism="gaussian")
+    usr = make_plan(
+        labels=["a", "b", "c"],
+        epsilon=4.0,
+        max_tokens=10,
+        mechanism="gaussian",
+        privacy_unit="user",
+    )
     assert usr.steps == 3 * rec.steps
     assert usr.sigma > rec.sigma  # type: ignore[operator]
 
