@@ -11,22 +11,26 @@ import json
 import math
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dp_decoding import plan_spec
 from dp_decoding.plan import Plan, PlanError, make_plan
 from dp_decoding.records import DataError, Record, load_jsonl
+from prompts.declared import DECLARATION_KEYS
 
 __all__ = [
     "LABELS_REQUIRED",
     "TASK_CHOICES",
     "UsageError",
     "add_plan_arguments",
+    "declaration_from_args",
     "cmd_generate",
     "cmd_labels",
     "cmd_plan",
     "describe_plan",
+    "load_task_file",
     "register",
     "run",
 ]
@@ -66,7 +70,61 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, need_data: bool) -> None:
         "--task generic: the label set is a privacy parameter and is never read from the "
         "data; `dpicl labels --data FILE` shows your file's labels)",
     )
+    add_task_arguments(p)
     _add_privacy_arguments(p)
+
+
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """The generic task's declaration: ``--description``, ``--label-words``,
+    ``--instruction`` (rows of :data:`dp_decoding.plan_spec.PARAMS`) and ``--task-file``."""
+    plan_spec.add_cli_arguments(p, section="task")
+    p.add_argument(
+        "--task-file",
+        metavar="TASK.json",
+        help="generic task: a JSON object with any of labels, description, label_words "
+        "(object), label_descriptions (object), instruction; options given on the command "
+        "line win",
+    )
+
+
+_TASK_FILE_KEYS = ("labels", *DECLARATION_KEYS)
+
+
+def load_task_file(path: str) -> dict[str, Any]:
+    """A task file's declaration (``UsageError`` for an unreadable file, unknown keys or a
+    value of the wrong type; the plan checks the values themselves)."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--task-file {path}: cannot read a JSON object ({exc})") from None
+    if not isinstance(d, dict):
+        raise UsageError(f"--task-file {path}: not a JSON object")
+    unknown = sorted(set(d) - set(_TASK_FILE_KEYS))
+    if unknown:
+        raise UsageError(
+            f"--task-file {path}: unknown key(s) {', '.join(unknown)}; "
+            f"known: {', '.join(_TASK_FILE_KEYS)}"
+        )
+    for key in ("label_words", "label_descriptions"):
+        if key in d and not isinstance(d[key], dict):
+            raise UsageError(f"--task-file {path}: {key} must be an object LABEL -> text")
+    if "labels" in d and not (
+        isinstance(d["labels"], list) and all(isinstance(x, str) for x in d["labels"])
+    ):
+        raise UsageError(f"--task-file {path}: labels must be a list of strings")
+    return d
+
+
+def declaration_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The task's declaration (``description``, ``label_words``, ``label_descriptions``,
+    ``instruction``, and ``labels`` when a task file gives them): the command line's options,
+    else the task file's values."""
+    file = load_task_file(args.task_file) if getattr(args, "task_file", None) else {}
+    out = {k: getattr(args, k, None) for k in DECLARATION_KEYS}
+    for key in _TASK_FILE_KEYS:
+        if out.get(key) is None and key in file:
+            out[key] = file[key]
+    return out
 
 
 def _add_privacy_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,13 +141,18 @@ LABELS_REQUIRED = (
 )
 
 
-def _labels_from_args(args: argparse.Namespace) -> list[str]:
-    """The declared label set: --labels, else the task's own; never the data's."""
+def _labels_from_args(args: argparse.Namespace, declared: dict[str, Any]) -> list[str]:
+    """The declared label set: --labels, else the task file's, else the keys of the declared
+    label words, else the task's own; never the data's."""
     if args.labels:
         labels = [x.strip() for x in args.labels.split(",") if x.strip()]
         if not labels:
             raise UsageError("--labels is empty")
         return labels
+    if declared.get("labels"):
+        return list(declared["labels"])
+    if declared.get("label_words"):
+        return list(declared["label_words"])
     if args.task != "generic":
         from prompts import get_task
 
@@ -118,9 +181,13 @@ def _plan_from_args(args: argparse.Namespace) -> Plan:
             "generate its demonstrations with `dpicl eval --task "
             f"{args.task}`"
         )
+    declared = declaration_from_args(args)
     return make_plan(
-        labels=_labels_from_args(args),
-        **plan_spec.plan_kwargs_from_args(args),
+        labels=_labels_from_args(args, declared),
+        **{
+            **plan_spec.plan_kwargs_from_args(args),
+            **{k: declared[k] for k in DECLARATION_KEYS},
+        },
         task=args.task,
         model="SmolLM2-135M-Instruct" if args.engine == "embedded" else args.engine,
     )
@@ -150,6 +217,10 @@ def describe_plan(plan: Plan) -> str:
         "public_prior",
         "gate_cutoff",
         "gate_threshold",
+        "description",
+        "label_words",
+        "label_descriptions",
+        "instruction",
         "example_token_limit",
         "privacy_unit",
         "steps",
@@ -167,47 +238,77 @@ def describe_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _task_of(plan: Plan) -> Any:
-    from prompts import generic_task, get_task
-
-    return generic_task(plan.labels) if plan.task == "generic" else get_task(plan.task)
+Tokenizer = Callable[[str], list[int]]
 
 
-def _check_context(plan: Plan, engine_name: str, engine: Any = None) -> int | None:
-    """The declared worst-case row (width + T) against the engine's context, before any
-    record is read (``PlanError``, exit 2, when it does not fit). Without a loaded engine the
-    embedded and vLLM engines' tokenizer and context are read from the model directory; an
-    upstream engine's context is not known here (skipped)."""
-    from dp_decoding.engines.base import context_limit
-    from dp_decoding.rows import check_context
-
-    if engine is not None:
-        return check_context(plan, _task_of(plan), engine.tokenize, context_limit(engine))
+def _model_tokenizer(engine_name: str) -> tuple[Tokenizer, int] | None:
+    """The embedded and vLLM engines' tokenizer and context, read from the model directory
+    without loading the model; None for other engines (an upstream engine's is not known)."""
     if engine_name not in ("embedded", "vllm"):
         return None
-    import json as _json
-
     from transformers import AutoTokenizer
 
     from dp_decoding.engines.model_files import ensure_model_dir
 
     path = ensure_model_dir()
     tok = AutoTokenizer.from_pretrained(str(path))
-    config = _json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     context = int(config["max_position_embeddings"])
     if engine_name == "vllm":
         from dp_decoding.engines.vllm_engine import DEFAULT_MAX_MODEL_LEN
 
         context = min(context, DEFAULT_MAX_MODEL_LEN)
-    return check_context(
-        plan, _task_of(plan), lambda t: list(tok.encode(t, add_special_tokens=False)), context
-    )
+    return (lambda t: list(tok.encode(t, add_special_tokens=False))), context
+
+
+def _check_context(plan: Plan, tokenizer: tuple[Tokenizer, int | None] | None) -> int | None:
+    """The declared worst-case row (width + T) against the engine's context, before any
+    record is read (``PlanError``, exit 2, when it does not fit); None when the engine's
+    tokenizer is not known here (skipped)."""
+    from dp_decoding.rows import check_context
+
+    if tokenizer is None:
+        return None
+    return check_context(plan, plan.prompt_task(), tokenizer[0], tokenizer[1])
+
+
+def _estimate(plan: Plan, tokenize: Tokenizer | None, engine: Any = None) -> list[str]:
+    """The job's estimate as lines: counts from the declared width (when the tokenizer is
+    known), seconds from a warm-up on ``engine`` (when one is given). Reads no record."""
+    from dp_decoding.generation.estimate import count, describe, warm_up
+    from dp_decoding.rows import RowBuilder
+
+    if tokenize is None:
+        demos = len(plan.labels) * plan.shots
+        return [f"{demos} demonstrations; token counts need the engine's tokenizer"]
+    rows = RowBuilder(tokenize, plan.prompt_task(), plan.labels, plan.example_token_limit)
+    width = rows.width(plan.N)
+    public = rows.public_row(plan.labels[0])
+    est = count(plan, width, max(len(rows.public_row(label)) for label in plan.labels))
+    if engine is not None:
+        est = warm_up(engine, plan, est, width, public)
+    return describe(est)
+
+
+OFF_TOPIC_WARNING = (
+    "--task generic without --description: the data-free public prompt that picks the "
+    "candidate tokens does not know what an example looks like, so demonstrations will "
+    "likely be off-topic. Declare what one record is with --description TEXT (and the words "
+    "for the labels with --label-words LABEL=WORD,...), or use --task-file"
+)
+
+
+def _warn_generic(plan: Plan) -> None:
+    if plan.task == "generic" and plan.description is None:
+        print(f"dpicl: warning: {OFF_TOPIC_WARNING}", file=sys.stderr)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     plan = _plan_from_args(args)  # declared parameters only; before any record is read
-    need = _check_context(plan, args.engine)
+    tokenizer = _model_tokenizer(args.engine)
+    need = _check_context(plan, tokenizer)
     records = _load(args)
+    _warn_generic(plan)
     print("plan (declared parameters; nothing here is computed from private data):")
     print(describe_plan(plan))
     if need is not None:
@@ -219,48 +320,51 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"guarantee: ({_fmt(plan.epsilon())}, {plan.delta:g})-DP per {plan.privacy_unit} "
         "(add/remove), PLD via dp_accounting"
     )
+    engine = None
+    if args.warmup:
+        from dp_decoding.engines import load_engine
+
+        engine = load_engine(args.engine)
+    print("estimate (from declared parameters; an upper bound):")
+    for line in _estimate(plan, engine.tokenize if engine else tokenizer and tokenizer[0], engine):
+        print(f"  {line}")
     if records is not None:
-        counts = Counter(r.label for r in records if r.label in set(plan.labels))
-        print("curator-only hints from counts (not part of the plan, never released):")
-        for label in plan.labels:
-            n = counts.get(label, 0)
-            if plan.regime == "fixed":
-                print(
-                    f"  {label}: {n} records; the plan's slots hold at most {plan.records_per_label}"
-                )
-            else:
-                sugg = min(1.0, plan.M * plan.N / n) if n else float("nan")
-                print(f"  {label}: {n} records; q ≈ M·N/n = {sugg:.4g} would fill the prompts")
+        _print_hints(plan, records)
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    plan = _plan_from_args(args)  # declared parameters only; before any record is read
-    _check_context(plan, args.engine)
-    records = _load(args)
-    assert records is not None
-    from dp_decoding.engines import load_engine
-    from dp_decoding.engines.base import Describable
-    from dp_decoding.generate import DemoGenerator
-    from prompts import generic_task, get_task
+def _print_hints(plan: Plan, records: list[Record]) -> None:
+    counts = Counter(r.label for r in records if r.label in set(plan.labels))
+    print("curator-only hints from counts (not part of the plan, never released):")
+    for label in plan.labels:
+        n = counts.get(label, 0)
+        if plan.regime == "fixed":
+            print(f"  {label}: {n} records; the plan's slots hold at most {plan.records_per_label}")
+        else:
+            sugg = min(1.0, plan.M * plan.N / n) if n else float("nan")
+            print(f"  {label}: {n} records; q ≈ M·N/n = {sugg:.4g} would fill the prompts")
 
-    task = generic_task(plan.labels) if args.task == "generic" else get_task(args.task)
-    print(
-        f"dpicl: plan ε={_fmt(plan.epsilon())} δ={plan.delta:g}, {plan.regime} regime, "
-        f"{plan.mechanism}, M={plan.M} N={plan.N}, T={plan.max_tokens}",
-        file=sys.stderr,
-    )
-    for n in plan.notes:
-        print(f"dpicl: note: {n}", file=sys.stderr)
-    print("dpicl: loading engine ...", file=sys.stderr)
-    engine = load_engine(args.engine)
+
+def _load_engine(name: str, quiet: bool) -> Any:
+    """The engine; under ``quiet`` the transformers weight-loading bar is off."""
+    from dp_decoding.engines import load_engine
+
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return load_engine(name)
+
+
+def _progress_bar(plan: Plan, quiet: bool) -> tuple[Any, Callable[[Any], None]]:
+    """A tqdm bar over the demonstrations (rate and ETA), and the generator's callback."""
     from tqdm import tqdm
 
     bar = tqdm(
         total=len(plan.labels) * plan.shots,
         unit="demo",
         file=sys.stderr,
-        disable=args.quiet,
+        disable=quiet,
         dynamic_ncols=True,
     )
 
@@ -270,6 +374,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{p.tokens} tok, {rate:.1f} tok/s", refresh=False)
         bar.refresh()
 
+    return bar, on_progress
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    plan = _plan_from_args(args)  # declared parameters only; before any record is read
+    _check_context(plan, _model_tokenizer(args.engine))
+    records = _load(args)
+    assert records is not None
+    from dp_decoding.engines.base import Describable
+    from dp_decoding.generate import DemoGenerator
+
+    task = plan.prompt_task()
+    _warn_generic(plan)
+    print(
+        f"dpicl: plan ε={_fmt(plan.epsilon())} δ={plan.delta:g}, {plan.regime} regime, "
+        f"{plan.mechanism}, M={plan.M} N={plan.N}, T={plan.max_tokens}",
+        file=sys.stderr,
+    )
+    for n in plan.notes:
+        print(f"dpicl: note: {n}", file=sys.stderr)
+    print("dpicl: loading engine ...", file=sys.stderr)
+    engine = _load_engine(args.engine, args.quiet)
+    for line in _estimate(plan, engine.tokenize, None if args.no_warmup else engine):
+        print(f"dpicl: estimate: {line}", file=sys.stderr)
+    bar, on_progress = _progress_bar(plan, args.quiet)
     gen = DemoGenerator(engine, plan, task, progress=on_progress)
     demos = gen.run(records)
     bar.close()
@@ -284,25 +413,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "finished by the step loop",
         file=sys.stderr,
     )
+    d = plan.to_dict()
     out = {
-        "demonstrations": [d.to_dict() for d in demos],
-        "plan": plan.to_dict(),
+        "demonstrations": [x.to_dict() for x in demos],
+        "plan": d,
+        "task": {"name": plan.task, **{k: d[k] for k in DECLARATION_KEYS}},
         "engine": facts,
-        "epsilon": plan.to_dict()["epsilon"],
+        "epsilon": d["epsilon"],
         "delta": plan.delta,
         "privacy_unit": plan.privacy_unit,
     }
-    text = json.dumps(out, indent=2, ensure_ascii=False)
-    if args.out == "-":
-        print(text)
-    else:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-        print(
-            f"dpicl: wrote {len(demos)} demonstrations to {args.out} "
-            f"(ε={_fmt(plan.epsilon())}, δ={plan.delta:g})",
-            file=sys.stderr,
-        )
+    _write(args.out, out, len(demos), plan)
     return 0
+
+
+def _write(path: str, out: dict[str, Any], n: int, plan: Plan) -> None:
+    text = json.dumps(out, indent=2, ensure_ascii=False)
+    if path == "-":
+        print(text)
+        return
+    Path(path).write_text(text + "\n", encoding="utf-8")
+    print(
+        f"dpicl: wrote {n} demonstrations to {path} (ε={_fmt(plan.epsilon())}, δ={plan.delta:g})",
+        file=sys.stderr,
+    )
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
@@ -326,6 +460,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Build a plan from declared parameters and print its (ε, δ).",
     )
     add_plan_arguments(p, need_data=False)
+    p.add_argument(
+        "--warmup",
+        action="store_true",
+        help="load the engine and time a short warm-up for the estimate's seconds "
+        "(default: counts only)",
+    )
     p.set_defaults(func=cmd_plan)
     g = sub.add_parser(
         "generate",
@@ -334,7 +474,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_plan_arguments(g, need_data=True)
     g.add_argument("--out", default="demos.json", help="output JSON file ('-' for stdout)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--quiet", action="store_true", help="no progress bars (generation, weight loading)"
+    )
+    g.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the warm-up that times the estimate printed before the job (counts only)",
+    )
     g.set_defaults(func=cmd_generate)
     lb = sub.add_parser(
         "labels",

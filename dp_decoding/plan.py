@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -28,6 +29,8 @@ from accountant import JobEvent
 from dp_decoding import plan_spec
 from dp_decoding.mechanisms import Mechanism, MechanismSpec, PublicTokenGate
 from dp_decoding.mechanisms import registry as mechanisms
+from prompts import TaskFormat, check_declaration, declared_task
+from prompts.declared import DECLARATION_KEYS
 
 __all__ = [
     "DEFAULTS",
@@ -47,6 +50,10 @@ Candidates = Literal["public-topk", "all", "list"]
 
 DEFAULTS: dict[str, Any] = plan_spec.defaults()
 """Every declared parameter's default, from the one table :data:`dp_decoding.plan_spec.PARAMS`."""
+DEFAULT_PRIOR = 1.0
+"""λ when ``public_prior`` is not declared (None) and the mechanism and candidates admit it
+(exponential, public top-k): the public model's own distribution (docs/results.md,
+"Defaults for a new task"); 0 elsewhere."""
 
 _DERIVED_KEYS = frozenset(
     {"labels_source", "noise_multiplier", "event", "epsilon", "epsilon_rdp", "accounting"}
@@ -90,6 +97,26 @@ class Plan:
     demonstration; the others are the public model's. Fixed regime, exponential, public top-k."""
     gate_threshold: float | None = None
     """θ of the gate, as a total-variation distance in (0, 1] (the threshold is θ·M)."""
+    description: str | None = None
+    """Generic task: what one record is (public, declared; shown in every prompt)."""
+    label_words: tuple[tuple[str, str], ...] | None = None
+    """Generic task: (label, word) pairs, in label order (a dict in :meth:`to_dict`)."""
+    label_descriptions: tuple[tuple[str, str], ...] | None = None
+    """Generic task: (label, one-line description) pairs (a dict in :meth:`to_dict`)."""
+    instruction: str | None = None
+    """Generic task: the classification instruction (None: the generic one)."""
+
+    def prompt_task(self) -> TaskFormat:
+        """The prompt format of every prompt of this job: the preset task, or the generic
+        one with the declared description and label words (:func:`prompts.declared_task`)."""
+        return declared_task(
+            self.task,
+            self.labels,
+            description=self.description,
+            label_words=_as_dict(self.label_words),
+            label_descriptions=_as_dict(self.label_descriptions),
+            instruction=self.instruction,
+        )
 
     @property
     def labels_source(self) -> Literal["declared"]:
@@ -147,6 +174,8 @@ class Plan:
         d["candidate_token_ids"] = (
             None if self.candidate_token_ids is None else list(self.candidate_token_ids)
         )
+        d["label_words"] = _as_dict(self.label_words)
+        d["label_descriptions"] = _as_dict(self.label_descriptions)
         d["noise_multiplier"] = self.noise_multiplier
         d["event"] = None if self.is_nonprivate else self.event().to_dict()
         d["epsilon"] = _json_float(self.epsilon())
@@ -180,7 +209,17 @@ class Plan:
             kw["candidate_token_ids"] = tuple(int(t) for t in kw["candidate_token_ids"])
         for key in ("epsilon_target", "epsilon0"):
             kw[key] = _from_json_float(kw.get(key))
+        for key in ("label_words", "label_descriptions"):
+            kw[key] = _as_pairs(kw.get(key))
         return cls(**kw)
+
+
+def _as_dict(pairs: tuple[tuple[str, str], ...] | None) -> dict[str, str] | None:
+    return None if pairs is None else dict(pairs)
+
+
+def _as_pairs(mapping: Mapping[str, str] | None) -> tuple[tuple[str, str], ...] | None:
+    return None if mapping is None else tuple((str(k), str(v)) for k, v in mapping.items())
 
 
 def _is_required(f: dataclasses.Field[Any]) -> bool:
@@ -218,9 +257,13 @@ def make_plan(
     privacy_unit: str = DEFAULTS["privacy_unit"],
     task: str = "generic",
     model: str = "",
-    public_prior: float = DEFAULTS["public_prior"],
+    public_prior: float | None = DEFAULTS["public_prior"],
     gate_cutoff: int | None = DEFAULTS["gate_cutoff"],
     gate_threshold: float | None = DEFAULTS["gate_threshold"],
+    description: str | None = DEFAULTS["description"],
+    label_words: Mapping[str, str] | None = DEFAULTS["label_words"],
+    label_descriptions: Mapping[str, str] | None = DEFAULTS["label_descriptions"],
+    instruction: str | None = DEFAULTS["instruction"],
 ) -> Plan:
     """Validate declared parameters and calibrate the noise to ``epsilon`` at ``delta``.
     Every keyword but ``labels``, ``task`` and ``model`` is a row of
@@ -228,6 +271,9 @@ def make_plan(
     labels = tuple(dict.fromkeys(str(x) for x in labels))
     if not labels:
         raise PlanError("the label set is empty")
+    declaration = _check_declaration(
+        task, labels, description, label_words, label_descriptions, instruction
+    )
     _check_each(
         epsilon=epsilon,
         delta=delta,
@@ -242,21 +288,9 @@ def make_plan(
         example_token_limit=example_token_limit,
     )
     spec = mechanisms.get(mechanism)
-    if regime == "resampled":
-        _check(q is not None, "the resampled regime needs a declared --q (Poisson rate)")
-        _check(0 < q <= 1, "q must be in (0, 1]")  # type: ignore[operator]
-    else:
-        _check(q is None, "q applies to the resampled regime only (the fixed regime has none)")
-    if candidates == "public-topk":
-        _check(top_k is not None and top_k >= 1, "top-k must be a positive integer")
-    else:
-        top_k = None
-    if candidates == "list":
-        _check(bool(candidate_token_ids), "candidates=list needs candidate token ids")
-        candidate_token_ids = tuple(int(t) for t in dict.fromkeys(candidate_token_ids or ()))
-    else:
-        candidate_token_ids = None
-
+    _check_q(regime, q)
+    top_k, candidate_token_ids = _check_candidates(candidates, top_k, candidate_token_ids)
+    public_prior = _default_prior(spec, candidates, public_prior)
     gate_threshold = _check_prior_and_gate(
         spec, regime, candidates, max_tokens, public_prior, gate_cutoff, gate_threshold
     )
@@ -296,7 +330,61 @@ def make_plan(
         public_prior=float(public_prior),
         gate_cutoff=gate_cutoff,
         gate_threshold=gate_threshold,
+        description=declaration["description"],
+        label_words=_as_pairs(declaration["label_words"]),
+        label_descriptions=_as_pairs(declaration["label_descriptions"]),
+        instruction=declaration["instruction"],
     )
+
+
+def _check_q(regime: str, q: float | None) -> None:
+    if regime == "resampled":
+        _check(q is not None, "the resampled regime needs a declared --q (Poisson rate)")
+        _check(0 < q <= 1, "q must be in (0, 1]")  # type: ignore[operator]
+    else:
+        _check(q is None, "q applies to the resampled regime only (the fixed regime has none)")
+
+
+def _default_prior(spec: MechanismSpec, candidates: str, public_prior: float | None) -> float:
+    """A declared λ as it is; None (the default): the public prior wherever it is admitted."""
+    if public_prior is not None:
+        return public_prior
+    return DEFAULT_PRIOR if spec.public_prior and candidates == "public-topk" else 0.0
+
+
+def _check_candidates(
+    candidates: str, top_k: int | None, ids: list[int] | tuple[int, ...] | None
+) -> tuple[int | None, tuple[int, ...] | None]:
+    """K for public top-k (None otherwise) and the declared ids for a list (None otherwise)."""
+    if candidates == "public-topk":
+        _check(top_k is not None and top_k >= 1, "top-k must be a positive integer")
+    else:
+        top_k = None
+    if candidates != "list":
+        return top_k, None
+    _check(bool(ids), "candidates=list needs candidate token ids")
+    return top_k, tuple(int(t) for t in dict.fromkeys(ids or ()))
+
+
+def _check_declaration(
+    task: str,
+    labels: tuple[str, ...],
+    *values: Any,
+) -> dict[str, Any]:
+    """The task's declaration (description, label words, label descriptions, instruction,
+    in that order), checked (:func:`prompts.check_declaration`): generic tasks only (a preset
+    task has its own wording), one line each, declared labels only."""
+    declared = dict(zip(DECLARATION_KEYS, values, strict=True))
+    if task != "generic" and any(v is not None for v in declared.values()):
+        raise PlanError(
+            "--description, --label-words and --instruction (API: description, label_words, "
+            f"label_descriptions, instruction) declare a generic task; the preset task {task!r} "
+            "has its own"
+        )
+    try:
+        return check_declaration(labels, **declared)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def _check_each(

@@ -38,6 +38,7 @@ __all__ = [
     "api_field",
     "api_params",
     "by_name",
+    "label_map",
     "cli_params",
     "defaults",
     "plan_kwargs_from_args",
@@ -57,6 +58,20 @@ def positive_float(text: str) -> float:
     return v
 
 
+def label_map(text: str) -> dict[str, str]:
+    """``LABEL=WORD,LABEL=WORD`` from the command line as a dict (a one-line error for a
+    piece without ``=`` or with an empty side; the plan checks the rest)."""
+    out: dict[str, str] = {}
+    for piece in text.split(","):
+        label, sep, word = piece.partition("=")
+        if not sep or not label.strip() or not word.strip():
+            raise argparse.ArgumentTypeError(f"not LABEL=WORD: {piece.strip()!r}")
+        if label.strip() in out:
+            raise argparse.ArgumentTypeError(f"label {label.strip()!r} given twice")
+        out[label.strip()] = word.strip()
+    return out
+
+
 @dataclass(frozen=True)
 class CliSpec:
     """How a parameter appears on the command line (``dest`` is the parameter's name, the
@@ -68,8 +83,9 @@ class CliSpec:
     choices: tuple[str, ...] | None = None
     """Only where the command line admits fewer values than the plan (None: the plan's)."""
     metavar: str | None = None
-    section: Literal["unit", "privacy"] = "privacy"
-    """Where ``--help`` lists it: with the data options ("unit") or with the privacy ones."""
+    section: Literal["unit", "task", "privacy"] = "privacy"
+    """Where ``--help`` lists it: with the data options ("unit"), with the task's declaration
+    ("task", also on ``dpicl eval``) or with the privacy ones."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,56 @@ PARAMS: tuple[PlanParam, ...] = (
         api=ApiSpec({"default": "record"}),
     ),
     PlanParam(
+        "description",
+        str,
+        None,
+        optional=True,
+        cli=CliSpec(
+            ("--description",),
+            "generic task: what one record is, in one line (e.g. 'A short movie review.'); "
+            "public, shown in every prompt, never read from the data",
+            metavar="TEXT",
+            section="task",
+        ),
+        api=ApiSpec({"default": None}),
+    ),
+    PlanParam(
+        "label_words",
+        dict,
+        None,
+        optional=True,
+        cli=CliSpec(
+            ("--label-words",),
+            "generic task: the word the model sees for each label, LABEL=WORD,... "
+            "(default: the label itself)",
+            label_map,
+            metavar="LABEL=WORD,...",
+            section="task",
+        ),
+        api=ApiSpec({"default": None}),
+    ),
+    PlanParam(
+        "label_descriptions",
+        dict,
+        None,
+        optional=True,
+        api=ApiSpec({"default": None}),
+    ),
+    PlanParam(
+        "instruction",
+        str,
+        None,
+        optional=True,
+        cli=CliSpec(
+            ("--instruction",),
+            "generic task: the classification instruction, in one line (default: 'Classify "
+            "the inputs into the categories of ...')",
+            metavar="TEXT",
+            section="task",
+        ),
+        api=ApiSpec({"default": None}),
+    ),
+    PlanParam(
         "epsilon",
         float,
         4.0,
@@ -155,11 +221,11 @@ PARAMS: tuple[PlanParam, ...] = (
     PlanParam(
         "max_tokens",
         int,
-        64,
+        20,
         low=1,
         high=4096,
         cli=CliSpec(("--max-tokens",), "T: tokens per demonstration", int),
-        api=ApiSpec({"default": 64, "ge": 1, "le": 512}),
+        api=ApiSpec({"default": 20, "ge": 1, "le": 512}),
         eval_key="T",
     ),
     PlanParam(
@@ -191,7 +257,7 @@ PARAMS: tuple[PlanParam, ...] = (
     PlanParam(
         "prompts",
         int,
-        64,
+        12,
         low=1,
         high=4096,
         cli=CliSpec(("--prompts", "-M"), "M: private prompts per step", int),
@@ -201,7 +267,7 @@ PARAMS: tuple[PlanParam, ...] = (
     PlanParam(
         "examples_per_prompt",
         int,
-        1,
+        2,
         low=1,
         cli=CliSpec(("--examples-per-prompt", "-N"), "N: private examples per prompt", int),
         api=ApiSpec({"default": None, "ge": 1, "le": 64}, none_means_default=True),
@@ -210,10 +276,10 @@ PARAMS: tuple[PlanParam, ...] = (
     PlanParam(
         "mechanism",
         str,
-        "gaussian",
+        "exponential",
         choices=_mechanism_names,
         cli=CliSpec(("--mechanism",), "Gaussian noisy argmax or the exponential mechanism"),
-        api=ApiSpec({"default": "gaussian"}),
+        api=ApiSpec({"default": "exponential"}),
     ),
     PlanParam(
         "candidates",
@@ -239,17 +305,18 @@ PARAMS: tuple[PlanParam, ...] = (
     PlanParam(
         "public_prior",
         float,
-        0.0,
+        None,
+        optional=True,
         low=0.0,
         cli=CliSpec(
             ("--public-prior",),
             "exponential mechanism with public-topk only: sample ∝ p_pub^λ·exp(ε₀·s/2), the "
-            "public prompt's probabilities as a data-free prior (same ε; 0 = off; 1 recommended "
-            "at small ε, see docs/results.md)",
+            "public prompt's probabilities as a data-free prior (same ε; 0 = off; default: 1 "
+            "where admitted, else 0; see docs/results.md)",
             float,
             metavar="LAMBDA",
         ),
-        api=ApiSpec({"default": 0.0, "ge": 0, "le": 16}),
+        api=ApiSpec({"default": None, "ge": 0, "le": 16}),
     ),
     PlanParam(
         "gate_cutoff",
@@ -324,7 +391,9 @@ def api_params() -> tuple[PlanParam, ...]:
 
 
 # -- command line ------------------------------------------------------------------------------
-def add_cli_arguments(p: argparse.ArgumentParser, *, section: Literal["unit", "privacy"]) -> None:
+def add_cli_arguments(
+    p: argparse.ArgumentParser, *, section: Literal["unit", "task", "privacy"]
+) -> None:
     """Add the options of ``section``'s parameters to ``p``, in table order (``dest`` is
     always the parameter's name)."""
     for param in PARAMS:

@@ -30,6 +30,7 @@ from dp_decoding.engines.dtype import default_dtype
 from dp_decoding.plan import DEFAULTS, Plan, make_plan
 from dp_decoding.records import Record, load_jsonl
 from evaluation.cache import Cache, cell_key
+from evaluation.declared import DECLARED, declared_settings, method_format, on_topic
 from evaluation.demos import (
     dp_demonstrations,
     public_demonstrations,
@@ -37,6 +38,7 @@ from evaluation.demos import (
     seeded,
 )
 from evaluation.methods import (
+    DECLARED_METHODS,
     DEFAULT_METHODS,
     DP_METHODS,
     GATE_CUTOFF,
@@ -161,6 +163,8 @@ def load_task(cfg: EvalConfig, name: str) -> TaskData:
 
 def dp_settings(cfg: EvalConfig, spec: EvalTask, method: str) -> dict[str, Any]:
     """Declared generation parameters of a DP row (and of the ε = 0 row's length T)."""
+    if method in DECLARED_METHODS:
+        return declared_settings(cfg.override)
     if method in ("best", "blend", "wide", *GATED):
         s = spec.best
         if method in ("wide", *GATED):
@@ -269,15 +273,29 @@ def cells_for(cfg: EvalConfig, spec: EvalTask) -> list[dict[str, Any]]:
                             # deduplicated, CSPRNG/OpenDP noise (privacy hardening): another
                             # pipeline than the cells cached before it
                             "rows": "declared-width",
+                            **_declared_key(spec.name, m),
                         }
                     )
     return cells
+
+
+def _declared_key(task: str, method: str) -> dict[str, Any]:
+    """What else keys a generic-path cell: its prompts and, with a description, the
+    declaration itself (editing a description makes new cells, never reuses old ones)."""
+    if method not in DECLARED_METHODS:
+        return {}
+    out: dict[str, Any] = {"prompts": method, "on_topic": "described-zero-shot"}
+    if method == "described":
+        out["declaration"] = DECLARED[task]
+    return out
 
 
 def run_cell(engine: Any, cell: dict[str, Any], data: TaskData, cfg: EvalConfig) -> dict[str, Any]:
     """Compute one cell: build its demonstrations, answer the test rows, score."""
     t0 = time.monotonic()
     fmt, spec, m = data.fmt, data.spec, cell["method"]
+    if m in DECLARED_METHODS:
+        fmt = method_format(m, spec.name, data.fmt)
     labels = list(spec.demo_labels)
     info: dict[str, Any] = {}
     if m in ("zero-shot", "zero-shot-chat"):
@@ -303,6 +321,8 @@ def run_cell(engine: Any, cell: dict[str, Any], data: TaskData, cfg: EvalConfig)
             "steps": plan.steps,
             "q": plan.q,
         }
+        if m in DECLARED_METHODS:
+            info.update(on_topic(engine, spec.name, data.fmt, demos))
     t1 = time.monotonic()
     sc = score(engine, fmt, demos, data.test, chat=(m == "zero-shot-chat"))
     return {
@@ -395,6 +415,10 @@ def run_eval(cfg: EvalConfig, engine_factory: Callable[[], Any] | None = None) -
 def _start_engine(cfg: EvalConfig, engine_factory: Callable[[], Any] | None) -> Any:
     if engine_factory is not None:
         return engine_factory()
+    if cfg.quiet:  # no weight-loading bar either
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if cfg.engine != "embedded":
         from dp_decoding.engines import load_engine
 
@@ -462,6 +486,10 @@ def collect(
         entry: dict[str, Any] = {"accuracy": _mean_std([r["accuracy"] for r in rs])}
         if rs[0]["calibrated"] is not None:
             entry["calibrated"] = _mean_std([r["calibrated"] for r in rs])
+        for key in ("on_topic", "on_topic_calibrated"):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            if vals:
+                entry[key] = _mean_std(vals)
         if "epsilon_achieved" in rs[0]:
             entry["epsilon_achieved"] = rs[0]["epsilon_achieved"]
             entry["sigma"] = rs[0]["sigma"]

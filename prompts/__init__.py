@@ -12,6 +12,13 @@ from prompts.answer import (
     label_from_answer,
     system_instruction,
 )
+from prompts.declared import (
+    check_declaration,
+    declared_task,
+    extraction_task_from_declaration,
+    task_from_declaration,
+    task_of_plan,
+)
 from prompts.generation import (
     Example,
     format_example,
@@ -38,8 +45,11 @@ __all__ = [
     "TaskFormat",
     "answer_prompt",
     "chat_messages",
+    "check_declaration",
     "clean_demonstration",
+    "declared_task",
     "demonstrations_system_prompt",
+    "extraction_task_from_declaration",
     "first_words_distinct",
     "format_example",
     "generation_prompt",
@@ -52,5 +62,7 @@ __all__ = [
     "one_line",
     "public_generation_prompt",
     "system_instruction",
+    "task_from_declaration",
+    "task_of_plan",
     "truncate_words",
 ]

@@ -18,7 +18,6 @@ from dp_decoding.engines.base import Engine
 from dp_decoding.generate import DemoGenerator, Progress
 from dp_decoding.plan import Plan
 from dp_decoding.records import Record, record_unit
-from prompts import generic_task, get_task
 
 log = logging.getLogger("dpicl.jobs")
 
@@ -90,7 +89,7 @@ class JobRunner:
             # record level while the job claims user-level privacy
             raise JobFailed(USER_ID_MISSING)
         records = records_from_rows(rows, plan.privacy_unit)
-        task = generic_task(plan.labels) if plan.task == "generic" else get_task(plan.task)
+        task = plan.prompt_task()
         last = [0.0]
 
         def on_progress(p: Progress) -> None:

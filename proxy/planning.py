@@ -21,7 +21,7 @@ from dp_decoding.engines.base import Engine, context_limit
 from dp_decoding.plan import Plan, PlanError, make_plan
 from dp_decoding.plan_spec import plan_kwargs_from_request
 from dp_decoding.rows import check_context
-from prompts import generic_task, get_task
+from prompts import get_task
 from proxy.errors import APIError
 from proxy.schemas import DemonstrationJobRequest
 from proxy.store import Dataset, Tenant
@@ -33,6 +33,8 @@ def _declared_labels(body: DemonstrationJobRequest) -> list[str]:
     """The job's label set: declared, or the named task's (a generic job must declare)."""
     if body.labels:
         return body.labels
+    if body.task == "generic" and body.label_words:
+        return list(body.label_words)  # declared too: the keys of the declared label words
     if body.task != "generic":
         return list(get_task(body.task).labels)
     raise APIError(
@@ -90,8 +92,7 @@ def plan_for(
         )
         # the declared worst-case row must fit the engine: whether a job fails can then
         # never depend on how long the private records are
-        task = generic_task(plan.labels) if plan.task == "generic" else get_task(plan.task)
-        check_context(plan, task, engine.tokenize, context_limit(engine))
+        check_context(plan, plan.prompt_task(), engine.tokenize, context_limit(engine))
         return plan
     except PlanError as exc:
         raise APIError(400, str(exc), param=None, code="invalid_plan") from None

@@ -135,10 +135,15 @@ class DemonstrationJobRequest(_Body):
     examples_per_prompt: int | None = api_field("examples_per_prompt")
     candidates: Literal["public-topk", "all"] = api_field("candidates")
     top_k: int | None = api_field("top_k")
-    public_prior: float = api_field("public_prior")
+    public_prior: float | None = api_field("public_prior")
     gate_cutoff: int | None = api_field("gate_cutoff")
     gate_threshold: float | None = api_field("gate_threshold")
     task: Literal["generic", "agnews", "dbpedia", "trec"] = "generic"
+    # the generic task's declaration (public, shown in every prompt; checked by make_plan)
+    description: str | None = api_field("description")
+    label_words: dict[str, str] | None = api_field("label_words")
+    label_descriptions: dict[str, str] | None = api_field("label_descriptions")
+    instruction: str | None = api_field("instruction")
     privacy_unit: Literal["record", "user"] = api_field("privacy_unit")
 
 

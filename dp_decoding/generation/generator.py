@@ -31,6 +31,7 @@ import numpy as np
 
 from dp_decoding.engines.base import Batch, Engine, InEngineAggregation, PublicBatches
 from dp_decoding.generation.decisions import Decision, GateDecision, Selection
+from dp_decoding.generation.estimate import MAX_ROWS
 from dp_decoding.generation.fixed import FixedStrategy
 from dp_decoding.generation.groups import (
     Demonstration,
@@ -66,7 +67,7 @@ class DemoGenerator:
         *,
         rng: NoiseSource | None = None,
         job_key: bytes | None = None,
-        max_rows: int = 128,
+        max_rows: int = MAX_ROWS,
         progress: ProgressCallback | None = None,
         in_engine: bool | None = None,
         pad_rows: bool = True,

@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from dp_decoding.engines import ChatTemplating, context_limit
-from prompts import demonstrations_system_prompt, generic_task, get_task
+from prompts import demonstrations_system_prompt, task_of_plan
 from proxy.auth import require_key
 from proxy.context import AppContext, get_context
 from proxy.errors import APIError, model_not_found
@@ -92,9 +92,7 @@ def _demo_prefix(context: AppContext, key: ApiKey, model: str) -> str | None:
             "model",
             "model_not_ready",
         )
-    labels = job.plan.get("labels") or []
-    t = job.plan.get("task", "generic")
-    task = generic_task(labels) if t == "generic" else get_task(t)
+    task = task_of_plan(job.plan)  # the declared description and label words included
     demos = [(d["text"], d["label"]) for d in job.demonstrations or [] if d.get("text")]
     if not demos:
         return None

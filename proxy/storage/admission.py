@@ -57,13 +57,23 @@ __all__ = [
 
 def default_reference_event(epsilon: float, delta: float) -> JobEvent:
     """THE REFERENCE SHAPE: the event of ``make_plan(labels=["a", "b"], epsilon=epsilon,
-    delta=delta)`` with every other parameter at ``dp_decoding.plan.DEFAULTS`` (fixed regime,
-    Gaussian noisy argmax, 64 tokens, ...). A tenant's order α* is chosen to fit the most jobs
-    of this shape, and "remaining budget" is reported as the largest ε of this shape that
-    would still be admitted."""
+    delta=delta)`` in the fixed regime with Gaussian noisy argmax, M = 64, N = 1, T = 64 (the
+    plan defaults before issue 15 changed them, pinned here so that a tenant's order α* and its
+    "remaining budget" do not move with the CLI's defaults), the rest at
+    ``dp_decoding.plan.DEFAULTS``. A tenant's order α* is chosen to fit the most jobs of this
+    shape, and "remaining budget" is reported as the largest ε of this shape that would still
+    be admitted."""
     from dp_decoding.plan import make_plan
 
-    return make_plan(labels=["a", "b"], epsilon=epsilon, delta=delta).event()
+    return make_plan(
+        labels=["a", "b"],
+        epsilon=epsilon,
+        delta=delta,
+        mechanism="gaussian",
+        prompts=64,
+        examples_per_prompt=1,
+        max_tokens=64,
+    ).event()
 
 
 def _reference_at(delta: float, epsilon: float) -> JobEvent:

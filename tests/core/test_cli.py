@@ -71,7 +71,7 @@ def test_missing_field(tmp_path: Path) -> None:
         (["--regime", "resampled"], "--q"),
         (["--q", "0.1"], "resampled regime only"),
         (["--prompts", "0"], "prompts"),
-        (["--public-prior", "1"], "public-prior"),  # needs the exponential mechanism
+        (["--mechanism", "gaussian", "--public-prior", "1"], "public-prior"),  # exponential only
         (["--mechanism", "exponential", "--public-prior", "-1"], "public-prior"),
     ],
 )
@@ -94,7 +94,7 @@ def test_extraction_task_is_refused_cleanly(good: Path) -> None:
 def test_plan_prints_defaults_and_guarantee(good: Path) -> None:
     r = dpicl("plan", "--data", str(good), *LABELS)
     assert r.returncode == 0, r.stderr
-    for word in ("regime", "mechanism", "sigma", "epsilon", "guarantee", "['A', 'B']"):
+    for word in ("regime", "mechanism", "epsilon0", "epsilon", "guarantee", "['A', 'B']"):
         assert word in r.stdout
     assert "taken as public" not in r.stdout and "read from the data" not in r.stdout
     assert SECRET not in r.stdout

@@ -23,7 +23,9 @@ def _pld_eps(event: dp_accounting.DpEvent, delta: float) -> float:
 
 
 def test_fixed_gaussian_plan_epsilon_matches_dp_accounting() -> None:
-    plan = make_plan(labels=["a", "b"], epsilon=2.0, max_tokens=32, prompts=40)
+    plan = make_plan(
+        labels=["a", "b"], epsilon=2.0, max_tokens=32, prompts=40, mechanism="gaussian"
+    )
     assert plan.steps == 32 and plan.B == 1 and plan.q is None
     assert plan.sensitivity == pytest.approx(math.sqrt(2))
     nm = plan.sigma / math.sqrt(2)  # type: ignore[operator]
@@ -44,6 +46,7 @@ def test_resampled_gaussian_plan_composes_shots_times_tokens() -> None:
         q=0.02,
         prompts=10,
         examples_per_prompt=2,
+        mechanism="gaussian",
     )
     assert plan.steps == 60  # shots × T; labels in parallel
     nm = plan.sigma / math.sqrt(2)  # type: ignore[operator]
@@ -56,8 +59,14 @@ def test_resampled_gaussian_plan_composes_shots_times_tokens() -> None:
 
 
 def test_user_level_privacy_composes_labels_sequentially() -> None:
-    rec = make_plan(labels=["a", "b", "c"], epsilon=4.0, max_tokens=10)
-    usr = make_plan(labels=["a", "b", "c"], epsilon=4.0, max_tokens=10, privacy_unit="user")
+    rec = make_plan(labels=["a", "b", "c"], epsilon=4.0, max_tokens=10, mechanism="gaussian")
+    usr = make_plan(
+        labels=["a", "b", "c"],
+        epsilon=4.0,
+        max_tokens=10,
+        mechanism="gaussian",
+        privacy_unit="user",
+    )
     assert usr.steps == 3 * rec.steps
     assert usr.sigma > rec.sigma  # type: ignore[operator]
 
@@ -70,7 +79,7 @@ def test_exponential_plan_event() -> None:
 
 
 def test_infinite_epsilon_is_noiseless() -> None:
-    plan = make_plan(labels=["a"], epsilon=math.inf)
+    plan = make_plan(labels=["a"], epsilon=math.inf, mechanism="gaussian")
     assert plan.sigma == 0.0 and plan.is_nonprivate and math.isinf(plan.epsilon())
 
 

@@ -20,7 +20,17 @@ from dp_decoding.plan import DEFAULTS, Plan, PlanError, make_plan
 from proxy.schemas import DemonstrationJobRequest, PlanRequest
 
 SPEC_NAMES = {p.name for p in plan_spec.PARAMS}
-CLI_OTHER = {"help", "data", "text_field", "label_field", "user_field", "task", "labels", "engine"}
+CLI_OTHER = {
+    "help",
+    "data",
+    "text_field",
+    "label_field",
+    "user_field",
+    "task",
+    "labels",
+    "task_file",
+    "engine",
+}
 API_OTHER = {"dataset", "name", "labels", "task"}
 
 PLANS: list[dict[str, Any]] = [

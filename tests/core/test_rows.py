@@ -68,7 +68,9 @@ def test_short_texts_give_the_text_level_prompt(tokenize) -> None:
 def test_context_check(tokenize) -> None:
     plan = make_plan(labels=["World"], epsilon=4.0, examples_per_prompt=8, task="agnews")
     need = check_context(plan, get_task("agnews"), tokenize, 8192)
-    assert need == RowBuilder(tokenize, get_task("agnews"), ["World"], 96).width(8) + 64
+    assert (
+        need == RowBuilder(tokenize, get_task("agnews"), ["World"], 96).width(8) + plan.max_tokens
+    )
     with pytest.raises(PlanError, match="examples-per-prompt"):
         check_context(plan, get_task("agnews"), tokenize, need - 1)
     assert check_context(plan, get_task("agnews"), tokenize, None) == need
