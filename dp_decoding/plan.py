@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import accountant
 from accountant import JobEvent
@@ -44,6 +44,11 @@ MechanismName = str
 """A name registered in :mod:`dp_decoding.mechanisms.registry` (built in: gaussian,
 exponential); only the registry interprets it."""
 Candidates = Literal["public-topk", "all", "list"]
+PrivacyUnit = Literal["record", "user"]
+_REGIMES: tuple[Regime, ...] = ("fixed", "resampled")
+_CANDIDATES: tuple[Candidates, ...] = ("public-topk", "all", "list")
+_PRIVACY_UNITS: tuple[PrivacyUnit, ...] = ("record", "user")
+_Choice = TypeVar("_Choice", bound=str)
 
 DEFAULTS: dict[str, Any] = plan_spec.defaults()
 """Every declared parameter's default, from the one table :data:`dp_decoding.plan_spec.PARAMS`."""
@@ -75,7 +80,7 @@ class Plan:
     example_token_limit: int
     epsilon_target: float
     delta: float
-    privacy_unit: Literal["record", "user"]
+    privacy_unit: PrivacyUnit
     steps: int
     sigma: float | None
     epsilon0: float | None
@@ -228,7 +233,7 @@ def make_plan(
     labels = tuple(dict.fromkeys(str(x) for x in labels))
     if not labels:
         raise PlanError("the label set is empty")
-    _check_each(
+    regime, candidates, privacy_unit = _check_each(
         epsilon=epsilon,
         delta=delta,
         regime=regime,
@@ -243,8 +248,9 @@ def make_plan(
     )
     spec = mechanisms.get(mechanism)
     if regime == "resampled":
-        _check(q is not None, "the resampled regime needs a declared --q (Poisson rate)")
-        _check(0 < q <= 1, "q must be in (0, 1]")  # type: ignore[operator]
+        if q is None:
+            raise PlanError("the resampled regime needs a declared --q (Poisson rate)")
+        _check(0 < q <= 1, "q must be in (0, 1]")
     else:
         _check(q is None, "q applies to the resampled regime only (the fixed regime has none)")
     if candidates == "public-topk":
@@ -271,7 +277,7 @@ def make_plan(
     noise = spec.calibrate(regime, steps, epsilon, delta, q, gate_cutoff is not None)
     return Plan(
         labels=labels,
-        regime=regime,  # type: ignore[arg-type]
+        regime=regime,
         mechanism=mechanism,
         M=prompts,
         N=examples_per_prompt,
@@ -279,13 +285,13 @@ def make_plan(
         q=q,
         shots=shots,
         max_tokens=max_tokens,
-        candidates=candidates,  # type: ignore[arg-type]
+        candidates=candidates,
         top_k=top_k,
         candidate_token_ids=candidate_token_ids,
         example_token_limit=example_token_limit,
         epsilon_target=epsilon,
         delta=delta,
-        privacy_unit=privacy_unit,  # type: ignore[arg-type]
+        privacy_unit=privacy_unit,
         steps=steps,
         sigma=noise.get("sigma"),
         epsilon0=noise.get("epsilon0"),
@@ -312,15 +318,16 @@ def _check_each(
     prompts: int,
     examples_per_prompt: int,
     example_token_limit: int,
-) -> None:
+) -> tuple[Regime, Candidates, PrivacyUnit]:
     """Each parameter on its own (range, choices), in this order; the first failure is the
-    one reported. Checks between parameters follow in :func:`make_plan`."""
+    one reported. Checks between parameters follow in :func:`make_plan`. Returns the regime,
+    the candidates and the privacy unit as the checked choices."""
     _check(math.isnan(epsilon) is False and epsilon > 0, "epsilon must be > 0 (or inf)")
     _check(0 < delta < 1, "delta must be in (0, 1)")
-    _check(regime in ("fixed", "resampled"), "regime must be 'fixed' or 'resampled'")
+    regime_ = _choice(regime, _REGIMES, "regime must be 'fixed' or 'resampled'")
     _check(mechanism in mechanisms.names(), f"mechanism must be {mechanisms.choices_text()}")
-    _check(candidates in ("public-topk", "all", "list"), "candidates: public-topk, all or list")
-    _check(privacy_unit in ("record", "user"), "privacy unit must be 'record' or 'user'")
+    candidates_ = _choice(candidates, _CANDIDATES, "candidates: public-topk, all or list")
+    unit = _choice(privacy_unit, _PRIVACY_UNITS, "privacy unit must be 'record' or 'user'")
     for name, v in (
         ("shots", shots),
         ("max-tokens", max_tokens),
@@ -331,6 +338,7 @@ def _check_each(
         _check(isinstance(v, int) and v >= 1, f"{name} must be a positive integer")
     _check(max_tokens <= 4096, "max-tokens must be at most 4096")
     _check(prompts <= 4096, "prompts must be at most 4096")
+    return regime_, candidates_, unit
 
 
 def _check_prior_and_gate(
@@ -365,6 +373,14 @@ def _check_prior_and_gate(
         gate_threshold = 0.5 if gate_threshold is None else float(gate_threshold)
         _check(0 < gate_threshold <= 1, "gate-threshold must be in (0, 1] (a TV distance)")
     return gate_threshold
+
+
+def _choice(value: str, choices: tuple[_Choice, ...], message: str) -> _Choice:
+    """``value`` as the one of ``choices`` it equals (typed as the choice); PlanError if none."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise PlanError(message)
 
 
 def _check(ok: bool, message: str) -> None:
