@@ -19,19 +19,19 @@ from devtools.machine import CpuWatch
 from devtools.server import Server
 
 if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionUserMessageParam
+
     from dp_decoding.engines.embedded import EmbeddedEngine
 
-__all__ = ["LONG_MESSAGES", "OverheadResult", "run_overhead"]
+__all__ = ["LONG_MESSAGES", "LONG_PROMPT", "OverheadResult", "run_overhead"]
 
 # A request that greedy decoding does not finish within 16 tokens (checked: every completion's
 # token count and finish_reason are recorded and reported).
-LONG_MESSAGES = [
-    {
-        "role": "user",
-        "content": "Write a long, detailed essay about the history of the Roman Empire, "
-        "from its founding to its fall.",
-    }
-]
+LONG_PROMPT = (
+    "Write a long, detailed essay about the history of the Roman Empire, "
+    "from its founding to its fall."
+)
+LONG_MESSAGES: list[ChatCompletionUserMessageParam] = [{"role": "user", "content": LONG_PROMPT}]
 
 
 @dataclass
@@ -67,14 +67,14 @@ def run_overhead(
 
     res = OverheadResult()
     client = OpenAI(base_url=server.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
-    prompt_ids = engine.apply_chat_template([dict(m) for m in LONG_MESSAGES])
+    prompt_ids = engine.apply_chat_template([{"role": "user", "content": LONG_PROMPT}])
     res.prompt_tokens = len(prompt_ids)
 
     def proxy_once() -> tuple[float, str]:
         t0 = time.perf_counter()
         r = client.chat.completions.create(
             model=engine.name,
-            messages=LONG_MESSAGES,  # type: ignore[arg-type]
+            messages=LONG_MESSAGES,
             temperature=0,
             max_tokens=max_tokens,
         )

@@ -11,14 +11,18 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from proxy_timing import log, ms, pctl
 
 from devtools.server import Server
 
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
+
 __all__ = ["SHORT_MESSAGES", "LoadResult", "describe_error", "run_load", "server_request_counts"]
 
-SHORT_MESSAGES = [{"role": "user", "content": "Say hello."}]
+SHORT_MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello."}]
 
 
 def server_request_counts(metrics_text: str, route: str) -> dict[str, float]:
@@ -98,7 +102,7 @@ def run_load(
                 try:
                     r = client.chat.completions.create(
                         model=model,
-                        messages=SHORT_MESSAGES,  # type: ignore[arg-type]
+                        messages=SHORT_MESSAGES,
                         temperature=0,
                         max_tokens=4,
                     )

@@ -32,13 +32,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from _sections import replace_section  # bench/ is sys.path[0] when a script runs
 
 from devtools.machine import CpuWatch, machine_info, read_loadavg
 from devtools.server import Server, create_tenant
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "SmolLM2-135M-Instruct"
@@ -52,7 +55,7 @@ def log(msg: str) -> None:
     )
 
 
-def messages(i: int) -> list[dict[str, str]]:
+def messages(i: int) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": f"Write a long story about {TOPICS[i % 8]}, part {i}."}]
 
 
@@ -120,7 +123,7 @@ def chat_clients(
                     model=MODEL,
                     messages=messages(i),
                     max_tokens=tokens,
-                    temperature=0,  # type: ignore[arg-type]
+                    temperature=0,
                 )
             except Exception as exc:  # noqa: BLE001 - counted by kind
                 with lock:

@@ -31,6 +31,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,7 +175,7 @@ def fixed_regime(b: Bench) -> tuple[list[dict[str, Any]], float, FixedBlock, int
     ref: FixedBlock | None = None
     repeats = 0
     for M in args.ms:
-        blk, n = measure(f"fixed M={M}", lambda M=M: b.fixed_block(M), args.retries, args.idle_wait)
+        blk, n = measure(f"fixed M={M}", partial(b.fixed_block, M), args.retries, args.idle_wait)
         repeats += n
         if blk.plain.kv_bytes:
             kv_per_token = blk.plain.kv_bytes / M / blk.plain.width

@@ -1,7 +1,7 @@
 """The timed runs of ``bench/step_cost.py``: DP generation, plain decoding, naive re-prefill.
 
 Invariants: :class:`TimingEngine` and :class:`TimingBatch` only delegate and time (they never
-change what the engine computes); the generator of :func:`bench_generator_class` is the real
+change what the engine computes); :class:`BenchGenerator` is the real
 :class:`DemoGenerator` except that it never stops at a newline/EOS (a test-harness choice, so
 every run is the full T tokens); :func:`measure` keeps the least disturbed of its attempts.
 """
@@ -18,14 +18,15 @@ import numpy as np
 from step_common import FOREIGN_LIMIT, LABEL, log, mean, pct, spread_order, wait_idle
 
 from devtools.machine import CpuWatch
+from dp_decoding.generate import DemoGenerator
 
 if TYPE_CHECKING:
     from dp_decoding.engines.embedded import EmbeddedEngine
-    from dp_decoding.generate import DemoGenerator
     from dp_decoding.plan import Plan
     from dp_decoding.records import Record
 
 __all__ = [
+    "BenchGenerator",
     "DPRun",
     "FixedBlock",
     "NaiveRun",
@@ -33,7 +34,6 @@ __all__ = [
     "ResampledBlock",
     "TimingBatch",
     "TimingEngine",
-    "bench_generator_class",
     "choose_n",
     "measure",
     "prefill_once",
@@ -91,27 +91,22 @@ class TimingEngine:
         return TimingBatch(batch, self.single_row) if len(prompts) == 1 else batch
 
 
-def bench_generator_class() -> type[DemoGenerator]:
-    from dp_decoding.generate import DemoGenerator
+class BenchGenerator(DemoGenerator):
+    """Never stops at newline/EOS (test harness), optionally stops after ``stop_after``
+    tokens; records the emitted tokens."""
 
-    class BenchGenerator(DemoGenerator):
-        """Never stops at newline/EOS (test harness), optionally stops after ``stop_after``
-        tokens; records the emitted tokens."""
+    stop_after: int | None = None
+    emitted: list[int]
 
-        stop_after: int | None = None
-        emitted: list[int]
+    def _is_stop(self, token: int) -> bool:
+        return False
 
-        def _is_stop(self, token: int) -> bool:
-            return False
-
-        def _emit(self, g: Any, token: int) -> None:
-            self.emitted.append(token)
-            super()._emit(g, token)
-            if not g.done and self.stop_after is not None and len(g.generated) >= self.stop_after:
-                g.done = True
-                self._progress.demonstrations_done += 1
-
-    return BenchGenerator
+    def _emit(self, g: Any, token: int) -> None:
+        self.emitted.append(token)
+        super()._emit(g, token)
+        if not g.done and self.stop_after is not None and len(g.generated) >= self.stop_after:
+            g.done = True
+            self._progress.demonstrations_done += 1
 
 
 @dataclass
@@ -140,10 +135,9 @@ def run_dp(
     ``before``: the loop as it was before the privacy hardening, for a side-by-side figure in
     the same run: private rows not padded to the declared width, noise from numpy's PCG64DXSM
     float samplers instead of the OS CSPRNG (+ OpenDP) source."""
-    cls = bench_generator_class()
     stamps: list[float] = []
-    gen = cls(
-        engine,  # type: ignore[arg-type]
+    gen = BenchGenerator(
+        engine,
         plan,
         task,
         job_key=job_key,
@@ -151,8 +145,8 @@ def run_dp(
         pad_rows=not before,
         rng=np.random.Generator(np.random.PCG64DXSM()) if before else None,
     )
-    gen.stop_after = stop_after  # type: ignore[attr-defined]
-    gen.emitted = []  # type: ignore[attr-defined]
+    gen.stop_after = stop_after
+    gen.emitted = []
     engine.reset()
     with CpuWatch() as watch:
         t0 = time.perf_counter()
@@ -164,7 +158,7 @@ def run_dp(
         list(engine.starts),
         list(engine.captured),
         total,
-        list(gen.emitted),  # type: ignore[attr-defined]
+        list(gen.emitted),
         watch.foreign,
         engine.single_row[0],
     )

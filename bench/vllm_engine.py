@@ -33,9 +33,19 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from _sections import replace_section  # bench/ is sys.path[0] when a script runs
+
+if TYPE_CHECKING:
+    from dp_decoding.engines.vllm_engine import VLLMEngine
+    from dp_decoding.generation.groups import Group
+    from dp_decoding.mechanisms import Mechanism
+    from dp_decoding.noise import NoiseSource
+    from dp_decoding.plan import Plan
+    from dp_decoding.records import Record
+    from prompts import TaskFormat
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,7 +72,9 @@ def load_texts(path: Path, label: str, n: int) -> list[str]:
     return texts
 
 
-def build(engine, M: int, data: Path):  # type: ignore[no-untyped-def]
+def build(
+    engine: VLLMEngine, M: int, data: Path
+) -> tuple[TaskFormat, list[list[int]], list[int], int]:
     """M one-example prompts as the generation loop builds them (token level, examples cut to
     the default 96 tokens), the public prompt, and the declared width of such rows."""
     from dp_decoding.rows import RowBuilder
@@ -75,7 +87,16 @@ def build(engine, M: int, data: Path):  # type: ignore[no-untyped-def]
     return task, prompts, rb.public_row("World"), rb.width(1)
 
 
-def run_dp_cand(engine, prompts, public, T: int, mech, rng, ref_steps: int = 0, width=None):  # type: ignore[no-untyped-def]
+def run_dp_cand(
+    engine: VLLMEngine,
+    prompts: list[list[int]],
+    public: list[int],
+    T: int,
+    mech: Mechanism,
+    rng: NoiseSource,
+    ref_steps: int = 0,
+    width: int | None = None,
+) -> float:
     """The DP loop with candidate ids (``ref_steps > 0``: the reference pattern instead);
     ``width``: the private rows padded to the declared width, as the generation loop does."""
     from dp_decoding.mechanisms import aggregate
@@ -103,7 +124,14 @@ def run_dp_cand(engine, prompts, public, T: int, mech, rng, ref_steps: int = 0, 
     return steps / (time.perf_counter() - t0)
 
 
-def run_dp_full(engine, task, prompts, T: int, in_engine: bool = False, before: bool = False):  # type: ignore[no-untyped-def]
+def run_dp_full(
+    engine: VLLMEngine,
+    task: TaskFormat,
+    prompts: list[list[int]],
+    T: int,
+    in_engine: bool = False,
+    before: bool = False,
+) -> tuple[float, Plan]:
     """``before``: the loop before the privacy hardening (rows not padded to the declared
     width, numpy PCG64DXSM noise); otherwise as it runs now (padded, OS CSPRNG noise)."""
     from dp_decoding.generate import DemoGenerator
@@ -112,6 +140,10 @@ def run_dp_full(engine, task, prompts, T: int, in_engine: bool = False, before: 
     class NoStop(DemoGenerator):
         def _is_stop(self, token: int) -> bool:
             return False
+
+        def _fill_fixed_prompts(self, groups: list[Group], pools: dict[str, list[Record]]) -> None:
+            for g in groups:  # the benchmark's own prompts, not slot-assigned records
+                g.prompts = [list(p) for p in prompts]
 
     M = len(prompts)
     plan = make_plan(
@@ -124,9 +156,6 @@ def run_dp_full(engine, task, prompts, T: int, in_engine: bool = False, before: 
     )
     rng = np.random.Generator(np.random.PCG64DXSM()) if before else None
     gen = NoStop(engine, plan, task, rng=rng, in_engine=in_engine, pad_rows=not before)
-    gen._fill_fixed_prompts = lambda groups, pools: [  # type: ignore[method-assign]
-        setattr(g, "prompts", [list(p) for p in prompts]) for g in groups
-    ]
     t0 = time.perf_counter()
     demos = gen.run([])
     # design 2 forces EOS if the mechanism picks it (a stop for vLLM): count what was made
@@ -135,7 +164,7 @@ def run_dp_full(engine, task, prompts, T: int, in_engine: bool = False, before: 
     return made / (time.perf_counter() - t0), plan
 
 
-def run_plain(engine, prompts, T: int) -> float:  # type: ignore[no-untyped-def]
+def run_plain(engine: VLLMEngine, prompts: list[list[int]], T: int) -> float:
     # a fresh cache salt per run, as every DP job gets: without it the repeats would read the
     # prompts' KV blocks from the prefix cache and skip the prefill that design 2 pays
     salt = secrets.token_urlsafe(16)
@@ -147,7 +176,14 @@ def run_plain(engine, prompts, T: int) -> float:  # type: ignore[no-untyped-def]
     return T / (time.perf_counter() - t0)
 
 
-def report(args, start_s: float, rows: list, engine_dtype: str = "") -> None:  # type: ignore[no-untyped-def]
+Row = tuple[int, int, int, float, float, float, float, float, float, float]
+"""M, mean prompt tokens, padded width, then the rates: plain, design 2, design 2 before,
+design 1 (cand), design 1 (cand) before, design 1 (full vocabulary), reference."""
+
+
+def report(
+    args: argparse.Namespace, start_s: float, rows: list[Row], engine_dtype: str = ""
+) -> None:
     """Print the table (after every M, so a cut-off run still leaves its rows)."""
     lines = [
         "## vLLM engine: DP designs 1 and 2 vs plain batched greedy vs the reference pattern",
@@ -214,7 +250,7 @@ def main() -> None:
     start_s = time.perf_counter() - t0
     log(f"engine started in {start_s:.1f}s")
     rng = np.random.default_rng(0)
-    rows = []
+    rows: list[Row] = []
     for M in args.M:
         task, prompts, public, width = build(engine, M, args.data)
         mech = make_plan(

@@ -22,7 +22,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import accountant
 from accountant import JobEvent
@@ -47,6 +47,11 @@ MechanismName = str
 """A name registered in :mod:`dp_decoding.mechanisms.registry` (built in: gaussian,
 exponential); only the registry interprets it."""
 Candidates = Literal["public-topk", "all", "list"]
+PrivacyUnit = Literal["record", "user"]
+_REGIMES: tuple[Regime, ...] = ("fixed", "resampled")
+_CANDIDATES: tuple[Candidates, ...] = ("public-topk", "all", "list")
+_PRIVACY_UNITS: tuple[PrivacyUnit, ...] = ("record", "user")
+_Choice = TypeVar("_Choice", bound=str)
 
 DEFAULTS: dict[str, Any] = plan_spec.defaults()
 """Every declared parameter's default, from the one table :data:`dp_decoding.plan_spec.PARAMS`."""
@@ -82,7 +87,7 @@ class Plan:
     example_token_limit: int
     epsilon_target: float
     delta: float
-    privacy_unit: Literal["record", "user"]
+    privacy_unit: PrivacyUnit
     steps: int
     sigma: float | None
     epsilon0: float | None
@@ -274,7 +279,7 @@ def make_plan(
     declaration = _check_declaration(
         task, labels, description, label_words, label_descriptions, instruction
     )
-    _check_each(
+    regime, candidates, privacy_unit = _check_each(
         epsilon=epsilon,
         delta=delta,
         regime=regime,
@@ -305,7 +310,7 @@ def make_plan(
     noise = spec.calibrate(regime, steps, epsilon, delta, q, gate_cutoff is not None)
     return Plan(
         labels=labels,
-        regime=regime,  # type: ignore[arg-type]
+        regime=regime,
         mechanism=mechanism,
         M=prompts,
         N=examples_per_prompt,
@@ -313,13 +318,13 @@ def make_plan(
         q=q,
         shots=shots,
         max_tokens=max_tokens,
-        candidates=candidates,  # type: ignore[arg-type]
+        candidates=candidates,
         top_k=top_k,
         candidate_token_ids=candidate_token_ids,
         example_token_limit=example_token_limit,
         epsilon_target=epsilon,
         delta=delta,
-        privacy_unit=privacy_unit,  # type: ignore[arg-type]
+        privacy_unit=privacy_unit,
         steps=steps,
         sigma=noise.get("sigma"),
         epsilon0=noise.get("epsilon0"),
@@ -339,8 +344,9 @@ def make_plan(
 
 def _check_q(regime: str, q: float | None) -> None:
     if regime == "resampled":
-        _check(q is not None, "the resampled regime needs a declared --q (Poisson rate)")
-        _check(0 < q <= 1, "q must be in (0, 1]")  # type: ignore[operator]
+        if q is None:
+            raise PlanError("the resampled regime needs a declared --q (Poisson rate)")
+        _check(0 < q <= 1, "q must be in (0, 1]")
     else:
         _check(q is None, "q applies to the resampled regime only (the fixed regime has none)")
 
@@ -400,15 +406,16 @@ def _check_each(
     prompts: int,
     examples_per_prompt: int,
     example_token_limit: int,
-) -> None:
+) -> tuple[Regime, Candidates, PrivacyUnit]:
     """Each parameter on its own (range, choices), in this order; the first failure is the
-    one reported. Checks between parameters follow in :func:`make_plan`."""
+    one reported. Checks between parameters follow in :func:`make_plan`. Returns the regime,
+    the candidates and the privacy unit as the checked choices."""
     _check(math.isnan(epsilon) is False and epsilon > 0, "epsilon must be > 0 (or inf)")
     _check(0 < delta < 1, "delta must be in (0, 1)")
-    _check(regime in ("fixed", "resampled"), "regime must be 'fixed' or 'resampled'")
+    regime_ = _choice(regime, _REGIMES, "regime must be 'fixed' or 'resampled'")
     _check(mechanism in mechanisms.names(), f"mechanism must be {mechanisms.choices_text()}")
-    _check(candidates in ("public-topk", "all", "list"), "candidates: public-topk, all or list")
-    _check(privacy_unit in ("record", "user"), "privacy unit must be 'record' or 'user'")
+    candidates_ = _choice(candidates, _CANDIDATES, "candidates: public-topk, all or list")
+    unit = _choice(privacy_unit, _PRIVACY_UNITS, "privacy unit must be 'record' or 'user'")
     for name, v in (
         ("shots", shots),
         ("max-tokens", max_tokens),
@@ -419,6 +426,7 @@ def _check_each(
         _check(isinstance(v, int) and v >= 1, f"{name} must be a positive integer")
     _check(max_tokens <= 4096, "max-tokens must be at most 4096")
     _check(prompts <= 4096, "prompts must be at most 4096")
+    return regime_, candidates_, unit
 
 
 def _check_prior_and_gate(
@@ -453,6 +461,14 @@ def _check_prior_and_gate(
         gate_threshold = 0.5 if gate_threshold is None else float(gate_threshold)
         _check(0 < gate_threshold <= 1, "gate-threshold must be in (0, 1] (a TV distance)")
     return gate_threshold
+
+
+def _choice(value: str, choices: tuple[_Choice, ...], message: str) -> _Choice:
+    """``value`` as the one of ``choices`` it equals (typed as the choice); PlanError if none."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise PlanError(message)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import hmac
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,8 +57,17 @@ def seeded(seed: int, *parts: object) -> tuple[np.random.Generator, bytes]:
 class ExtractionDemoGenerator(DemoGenerator):
     """DemoGenerator for extraction tasks: private examples are shown as ``(text, span)``."""
 
-    def __init__(self, *args: object, spans: dict[tuple[str, str], str], **kw: object) -> None:
-        super().__init__(*args, **kw)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        engine: Engine,
+        plan: Plan,
+        task: TaskFormat,
+        *,
+        spans: dict[tuple[str, str], str],
+        **kw: Any,
+    ) -> None:
+        """``spans``: (text, unit) → the record's target span; ``kw`` as :class:`DemoGenerator`."""
+        super().__init__(engine, plan, task, **kw)
         self._spans = spans
 
     def _prompt_ids(self, label: str, members: Sequence[Record]) -> list[int]:

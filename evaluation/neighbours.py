@@ -100,6 +100,24 @@ class _RecordingBatch:
         self._inner.close()
 
 
+class _ScriptedGenerator(DemoGenerator):
+    """Releases the same tokens in both runs: the k-th selection of a run returns the k-th
+    script token (both runs make their selections in the same order: same groups, no stop)."""
+
+    def __init__(
+        self, engine: Engine, plan: Plan, task: TaskFormat, *, script: list[int], **kw: Any
+    ) -> None:
+        super().__init__(engine, plan, task, **kw)
+        self._script = script
+        self._calls = 0
+
+    def _pick(self, scores: np.ndarray, cand: np.ndarray | None, pub: np.ndarray | None) -> int:
+        del scores, pub
+        tok = self._script[self._calls % len(self._script)]
+        self._calls += 1
+        return tok if cand is None or tok in set(cand.tolist()) else int(cand[0])
+
+
 def _run(
     engine: Engine,
     plan: Plan,
@@ -110,26 +128,16 @@ def _run(
 ) -> list[tuple[list[list[int]], np.ndarray]]:
     rec = _Recorder(engine)
     script = [int(t) for t in engine.tokenize(SCRIPT_TEXT)]
-    gen = DemoGenerator(
+    gen = _ScriptedGenerator(
         rec,
         plan,
         task,
+        script=script,
         rng=np.random.default_rng(0),
         job_key=job_key,
         in_engine=False,
         pad_rows=pad_rows,
     )
-    calls = [0]
-
-    def scripted(scores: np.ndarray, cand: np.ndarray | None, pub: np.ndarray | None) -> int:
-        """The k-th selection of the run returns the k-th script token: both runs make their
-        selections in the same order (same groups, no stop), so they release the same text."""
-        del scores, pub
-        tok = script[calls[0] % len(script)]
-        calls[0] += 1
-        return tok if cand is None or tok in set(cand.tolist()) else int(cand[0])
-
-    gen._pick = scripted  # type: ignore[method-assign]  # the same released tokens in both runs
     gen.run(records)
     return rec.steps
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dp_decoding.engines.base import Batch, Engine
+from dp_decoding.engines.base import Batch, ChatTemplating, Engine
 from dp_decoding.engines.embedded import EmbeddedBatch, EmbeddedEngine
 from prompts import TaskFormat, answer_prompt, chat_messages, label_word
 
@@ -109,6 +109,17 @@ def _prefix_batch(engine: Engine, prefix: list[int], suffixes: list[list[int]]) 
     return engine.start([prefix + s for s in suffixes])
 
 
+def _chat_rows(
+    engine: Engine, task: TaskFormat, demos: Sequence[tuple[str, str]], queries: Sequence[str]
+) -> list[list[int]]:
+    """Each query's chat prompt (the demonstrations as turns), templated by the engine."""
+    if not isinstance(engine, ChatTemplating):
+        raise TypeError(
+            f"chat scoring needs an engine that templates chats: {type(engine).__name__}"
+        )
+    return [engine.apply_chat_template(chat_messages(task, demos, q)) for q in queries]
+
+
 def label_token_ids(engine: Engine, task: TaskFormat, chat: bool) -> tuple[list[int], bool]:
     """First token of each label word (``" word"`` after ``"Answer:"``, ``"word"`` in chat).
 
@@ -154,7 +165,7 @@ def score_classification(
     gold = np.array([task.labels.index(label) for _, label in test])
     queries = [q for q, _ in test] + list(CONTENT_FREE)
     if chat:
-        rows = [engine.apply_chat_template(chat_messages(task, demos, q)) for q in queries]  # type: ignore[attr-defined]
+        rows = _chat_rows(engine, task, demos, queries)
         lp = _label_logprobs(engine, [], rows, cand, max(1, chunk // 4))
     else:
         prefix_s, _ = split_prompt(task, demos, "x")
@@ -230,7 +241,7 @@ def score_extraction(
 ) -> Score:
     """Exact match of the greedily extracted span (no calibration for extraction)."""
     if chat:
-        rows = [engine.apply_chat_template(chat_messages(task, demos, q)) for q, _ in test]  # type: ignore[attr-defined]
+        rows = _chat_rows(engine, task, demos, [q for q, _ in test])
         answers = greedy_answers(engine, [], rows, max_new, max(1, chunk // 4))
     else:
         prefix_s, _ = split_prompt(task, demos, "x")

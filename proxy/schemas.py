@@ -148,6 +148,8 @@ class DemonstrationJobRequest(_Body):
 
 
 class PlanRequest(DemonstrationJobRequest):
+    # pydantic overrides a field by redeclaring it; mypy reads that as a class-attribute type
+    # change (the plan preview takes the job's fields with the dataset optional).
     dataset: str | None = None  # type: ignore[assignment]
     name: str = "plan"
 
