@@ -189,11 +189,71 @@ def _records_without_user(tx: Transaction) -> None:
     _fill_records_without_user(tx)
 
 
+# ---------------------------------------------------------------------------------------------
+# Migration 3: the Batch API (files with their bytes, batches, one row per answered line).
+
+_BATCH_TABLES: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS files (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id),
+        filename TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        bytes {BIGINT} NOT NULL,
+        data {BLOB} NOT NULL,
+        created {REAL} NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS files_tenant ON files (tenant_id, created)",
+    """CREATE TABLE IF NOT EXISTS batches (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id),
+        key_id TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        input_file_id TEXT NOT NULL,
+        completion_window TEXT NOT NULL,
+        status TEXT NOT NULL,
+        metadata TEXT,
+        errors TEXT,
+        output_file_id TEXT,
+        error_file_id TEXT,
+        total {BIGINT} NOT NULL,
+        completed {BIGINT} NOT NULL,
+        failed {BIGINT} NOT NULL,
+        created {REAL} NOT NULL,
+        updated {REAL} NOT NULL,
+        expires_at {REAL} NOT NULL,
+        in_progress_at {REAL},
+        finalizing_at {REAL},
+        completed_at {REAL},
+        failed_at {REAL},
+        expired_at {REAL},
+        cancelling_at {REAL},
+        cancelled_at {REAL}
+    )""",
+    "CREATE INDEX IF NOT EXISTS batches_tenant ON batches (tenant_id, created)",
+    "CREATE INDEX IF NOT EXISTS batches_status ON batches (status)",
+    """CREATE TABLE IF NOT EXISTS batch_lines (
+        batch_id TEXT NOT NULL REFERENCES batches(id),
+        line {BIGINT} NOT NULL,
+        ok {BIGINT} NOT NULL,
+        result TEXT NOT NULL,
+        created {REAL} NOT NULL,
+        PRIMARY KEY (batch_id, line)
+    )""",
+)
+
+
+def _batch_api(tx: Transaction) -> None:
+    blob = "BLOB" if tx.dialect == "sqlite" else "BYTEA"
+    for statement in _BATCH_TABLES:
+        tx.execute_ddl(statement.replace("{BLOB}", blob))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "the schema of release abd6ed3", _release_schema),
     Migration(
         2, "datasets.records_without_user, filled from the stored records", _records_without_user
     ),
+    Migration(3, "the Batch API: files, batches and batch_lines", _batch_api),
 )
 SCHEMA_VERSION: int = MIGRATIONS[-1].version
 
