@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 
 from dp_decoding.engines.base import Engine
 from proxy.backends import Backend, backend_for
+from proxy.batches import CHUNK_LINES, BatchRunner
 from proxy.context import AppContext
 from proxy.errors import install_error_handlers, storage_unavailable
 from proxy.jobs import JobRunner
@@ -37,13 +38,16 @@ def create_app(
     metrics_key: str | None = None,
     run_jobs: bool = True,
     serving_backend: Backend | None = None,
+    batch_chunk_lines: int = CHUNK_LINES,
 ) -> FastAPI:
     """The app over ``store`` (the ledger) and ``engine`` (one model for jobs and serving).
 
-    ``metrics_key`` enables ``/metrics``; ``run_jobs=False`` admits and charges jobs without
-    running them (tests); ``serving_backend`` replaces the chat/completions backend that
-    :func:`proxy.backends.backend_for` would pick. ``app.state`` keeps ``store``, ``engine``,
-    ``runner``, ``serving`` (closed by the CLI at shutdown) and ``context``.
+    ``metrics_key`` enables ``/metrics``; ``run_jobs=False`` admits and charges jobs, and
+    accepts batches, without running them (tests); ``serving_backend`` replaces the
+    chat/completions backend that :func:`proxy.backends.backend_for` would pick;
+    ``batch_chunk_lines`` is how many batch lines share one engine batch. ``app.state`` keeps
+    ``store``, ``engine``, ``runner``, ``batches`` (the caller resumes unfinished batches with
+    ``batches.resume()``), ``serving`` (closed by the CLI at shutdown) and ``context``.
     """
     app = FastAPI(title="dpicl", version="0.1.0", docs_url=None, redoc_url=None)
     install_error_handlers(app)
@@ -52,7 +56,9 @@ def create_app(
     # runner, so it can take over the engine's lock before any job step runs.
     backend = serving_backend or backend_for(engine)
     runner = JobRunner(store, engine) if run_jobs else None
+    batches = BatchRunner(store, chunk_lines=batch_chunk_lines) if run_jobs else None
     app.state.store, app.state.engine, app.state.runner = store, engine, runner
+    app.state.batches = batches
     app.state.serving = backend
     app.state.context = AppContext(
         store=store,
@@ -62,7 +68,10 @@ def create_app(
         runner=runner,
         base_model=engine.name,
         metrics_key=metrics_key,
+        batches=batches,
     )
+    if batches is not None:
+        batches.start(app.state.context)
 
     @app.exception_handler(StorageError)
     async def _storage(request: Request, exc: StorageError) -> JSONResponse:
