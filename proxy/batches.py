@@ -13,7 +13,8 @@ handed to ``on_result`` as soon as it is complete.
 :class:`BatchRunner` is one worker thread per server. For each batch: validate the input file
 (:func:`proxy.batch_input.parse_input`; a bad file fails the batch), move it to
 ``in_progress``, answer the lines not yet recorded, write each answer as one exactly-once row
-(:meth:`proxy.storage.batches.Batches.record`), then finalise (output and error files, final
+as soon as it is complete (:meth:`proxy.storage.batches.Batches.record_many`, from a writer
+thread: lines that finish together share one commit), then finalise (output and error files, final
 status). ``cancel`` stops the shared batch at its next token step (lines already complete are
 kept, the others are never recorded); the database status is re-read between chunks, so a
 cancel made through another replica also stops it. At start-up :meth:`BatchRunner.resume`
@@ -150,6 +151,59 @@ def run_lines(
     return not stop()
 
 
+class _Recorder:
+    """Writes answered lines from a thread of its own as they come: every line waiting is
+    written in one transaction per batch (one commit for lines that finish together), while
+    the engine goes on. A batch's storage failure is raised by :meth:`flush`; the lines not
+    written are answered again when the batch is retried (never recorded twice)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._queue: queue.Queue[tuple[str, LineResult] | threading.Event] = queue.Queue()
+        self._failed: dict[str, StorageError] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._write, name="dpicl-batch-writer", daemon=True).start()
+
+    def put(self, batch_id: str, result: LineResult) -> None:
+        self._queue.put((batch_id, result))
+
+    def failed(self, batch_id: str) -> bool:
+        with self._lock:
+            return batch_id in self._failed
+
+    def flush(self, batch_id: str) -> None:
+        """Wait until every line queued so far is written; StorageError if one of
+        ``batch_id``'s writes failed (the failure is then forgotten)."""
+        written = threading.Event()
+        self._queue.put(written)
+        written.wait()
+        with self._lock:
+            error = self._failed.pop(batch_id, None)
+        if error is not None:
+            raise error
+
+    def _write(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            while not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            groups: dict[str, list[LineResult]] = {}
+            for item in items:
+                if not isinstance(item, threading.Event):
+                    groups.setdefault(item[0], []).append(item[1])
+            for batch_id, results in groups.items():
+                if self.failed(batch_id):
+                    continue
+                try:
+                    self.store.batches.record_many(batch_id, results)
+                except StorageError as exc:
+                    with self._lock:
+                        self._failed[batch_id] = exc
+            for item in items:
+                if isinstance(item, threading.Event):
+                    item.set()
+
+
 class BatchRunner:
     """The server's batch worker (one thread); see the module text."""
 
@@ -164,10 +218,12 @@ class BatchRunner:
         self._watch: threading.Thread | None = None
         self._stopping = threading.Event()
         self._context: AppContext | None = None
+        self._recorder: _Recorder
 
     def start(self, context: AppContext) -> None:
-        """Start the worker thread, answering lines through ``context``."""
+        """Start the worker and writer threads, answering lines through ``context``."""
         self._context = context
+        self._recorder = _Recorder(self.store)
         self._thread = threading.Thread(target=self._work, name="dpicl-batches", daemon=True)
         self._thread.start()
 
@@ -269,23 +325,30 @@ class BatchRunner:
                 self.store.batches.record(batch.id, output_line(line, Answer.error(gone)))
             return
 
+        recorder = self._recorder
+
         def proceed() -> bool:
             now = self.store.batches.by_id(batch.id)
-            return now is not None and now.status == "in_progress" and time.time() < now.expires_at
+            return (
+                not recorder.failed(batch.id)
+                and now is not None
+                and now.status == "in_progress"
+                and time.time() < now.expires_at
+            )
 
-        def record(result: LineResult) -> None:
-            self.store.batches.record(batch.id, result)
-
-        run_lines(
-            self._context,
-            key,
-            todo,
-            record,
-            stop=lambda: self._is_cancelled(batch.id),
-            proceed=proceed,
-            chunk_lines=self.chunk_lines,
-            ref=lambda line: f"{batch.id}:{line.line}",
-        )
+        try:
+            run_lines(
+                self._context,
+                key,
+                todo,
+                lambda result: recorder.put(batch.id, result),
+                stop=lambda: self._is_cancelled(batch.id),
+                proceed=proceed,
+                chunk_lines=self.chunk_lines,
+                ref=lambda line: f"{batch.id}:{line.line}",
+            )
+        finally:
+            recorder.flush(batch.id)
 
     def _finalize(self, batch_id: str, lines: list[InputLine]) -> None:
         batch = self.store.batches.by_id(batch_id)

@@ -279,8 +279,13 @@ class Batches:
     def record(self, batch_id: str, result: LineResult) -> bool:
         """Store one answered line and count it, atomically; False (nothing changed) if the
         line was already answered."""
+        return self.record_many(batch_id, [result]) == 1
+
+    def record_many(self, batch_id: str, results: list[LineResult]) -> int:
+        """:meth:`record` for several lines in one transaction (one commit); returns how many
+        were new."""
         with self.db.transaction(write=True) as tx:
-            return _insert_line(tx, batch_id, result)
+            return sum(_insert_line(tx, batch_id, result) for result in results)
 
     def finalize(self, batch_id: str, *, expired: list[LineResult] | None = None) -> Batch | None:
         """Write the output and error files and end the batch, in one transaction:

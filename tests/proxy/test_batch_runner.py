@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -190,4 +191,45 @@ def test_classify_resumes_where_it_stopped(tmp_path: Path) -> None:
     assert done_ids(out) == {line.custom_id for line in lines}
     bad, errors = read_requests(b'{"text": "a"}\n[1]\n', MODEL, 3)
     assert [e["line"] for e in errors] == [2]
+    store.close()
+
+
+def test_a_failed_write_is_retried_and_no_line_is_lost(tmp_path: Path) -> None:
+    """The first commit of answered lines fails (storage error): the runner retries the batch
+    later, answers the unwritten lines again, and every line ends recorded once."""
+    from proxy.batches import BatchRunner
+    from proxy.db import StorageError
+
+    store = Store(f"sqlite:///{tmp_path / 'w.db'}")
+    tenant, _ = store.create_tenant("t", 8.0, 1e-6)
+    key, _ = store.create_key(tenant.id, "serving")
+    rows = [{"custom_id": f"c{i}", "url": ENDPOINTS[0], "body": _line(i).body} for i in range(6)]
+    f = store.create_file(tenant.id, "in.jsonl", "batch", "\n".join(map(json.dumps, rows)).encode())
+    batch = store.create_batch(
+        tenant.id, key.id, endpoint=ENDPOINTS[0], input_file_id=f.id, completion_window="24h"
+    )
+    real = store.batches.record_many
+    calls = [0]
+
+    def flaky(batch_id: str, results: list[LineResult]) -> int:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise StorageError("disk I/O error")
+        return real(batch_id, results)
+
+    store.batches.record_many = flaky  # type: ignore[method-assign]  # a test double
+    runner = BatchRunner(store, chunk_lines=4)
+    runner.start(_context(store))
+    runner.submit(batch.id)
+    deadline = time.monotonic() + 60  # a liveness bound, not a timing assertion
+    while (now := store.get_batch(tenant.id, batch.id)) is not None and now.status != "completed":
+        assert time.monotonic() < deadline, now
+        time.sleep(0.05)
+    runner.stop()
+    assert now is not None and (now.total, now.completed, now.failed) == (6, 6, 0)
+    assert now.output_file_id is not None
+    content = store.file_content(tenant.id, now.output_file_id) or b""
+    assert sorted(json.loads(x)["custom_id"] for x in content.splitlines()) == [
+        f"c{i}" for i in range(6)
+    ]
     store.close()
