@@ -233,3 +233,22 @@ def test_a_failed_write_is_retried_and_no_line_is_lost(tmp_path: Path) -> None:
         f"c{i}" for i in range(6)
     ]
     store.close()
+
+
+def test_classify_command_refuses_bad_input_and_unknown_keys(tmp_path: Path) -> None:
+    """Both refused before any engine is loaded: exit 2, the line number, never the content."""
+    from devtools.server import dpicl
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"secret": "PRIVATE-42"}\n')
+    out = tmp_path / "out.jsonl"
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    r = dpicl("classify", "--data", str(bad), "--model", "m", "--out", str(out), "--db", db,
+              check=False)  # fmt: skip
+    assert r.returncode == 2 and "Line 2" in r.stderr and "PRIVATE-42" not in r.stderr
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "fine"}\n')
+    r = dpicl("classify", "--data", str(good), "--model", "m", "--out", str(out), "--db", db,
+              "--key", "sk-nope", check=False)  # fmt: skip
+    assert r.returncode == 2 and "unknown API key" in r.stderr
+    assert not out.exists()
