@@ -252,3 +252,50 @@ def test_classify_command_refuses_bad_input_and_unknown_keys(tmp_path: Path) -> 
               "--key", "sk-nope", check=False)  # fmt: skip
     assert r.returncode == 2 and "unknown API key" in r.stderr
     assert not out.exists()
+
+
+def _runner_batch(store: Store, n: int) -> tuple[str, str]:
+    tenant, _ = store.create_tenant(f"t{n}", 8.0, 1e-6)
+    key, _ = store.create_key(tenant.id, "serving")
+    rows = [{"custom_id": f"c{i}", "url": ENDPOINTS[0], "body": _line(i).body} for i in range(n)]
+    f = store.create_file(tenant.id, "in.jsonl", "batch", "\n".join(map(json.dumps, rows)).encode())
+    batch = store.create_batch(
+        tenant.id, key.id, endpoint=ENDPOINTS[0], input_file_id=f.id, completion_window="24h"
+    )
+    return tenant.id, batch.id
+
+
+def _settle(store: Store, tenant_id: str, batch_id: str) -> Any:
+    deadline = time.monotonic() + 60  # a liveness bound, not a timing assertion
+    while (now := store.get_batch(tenant_id, batch_id)) is not None and now.status not in (
+        "completed", "cancelled", "expired", "failed"
+    ):  # fmt: skip
+        assert time.monotonic() < deadline, now
+        time.sleep(0.05)
+    return now
+
+
+def test_expired_and_early_cancelled_batches(tmp_path: Path) -> None:
+    """A batch past its window ends ``expired``, every unanswered line in the error file with
+    ``batch_expired``; a batch cancelled before it ran ends ``cancelled`` with no files."""
+    from proxy.batches import BatchRunner
+
+    store = Store(f"sqlite:///{tmp_path / 'e.db'}")
+    old_tenant, old = _runner_batch(store, 3)
+    with store.db.transaction(write=True) as tx:
+        tx.execute("UPDATE batches SET expires_at = 0 WHERE id = ?", (old,))
+    early_tenant, early = _runner_batch(store, 4)
+    store.cancel_batch(early_tenant, early)
+    runner = BatchRunner(store)
+    runner.start(_context(store))
+    runner.resume()
+    expired, cancelled = _settle(store, old_tenant, old), _settle(store, early_tenant, early)
+    runner.stop()
+    assert expired.status == "expired" and expired.expired_at and expired.failed == 3
+    content = store.file_content(old_tenant, expired.error_file_id) or b""
+    errors = [json.loads(x) for x in content.splitlines()]
+    assert [e["error"]["code"] for e in errors] == ["batch_expired"] * 3
+    assert all(e["response"] is None for e in errors) and expired.output_file_id is None
+    assert cancelled.status == "cancelled" and cancelled.cancelled_at
+    assert (cancelled.completed, cancelled.failed, cancelled.output_file_id) == (0, 0, None)
+    store.close()
