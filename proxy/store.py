@@ -22,6 +22,9 @@ Invariants (docs/ARCHITECTURE.md §4, §6), each kept by the module named:
   are stored as SHA-256 hashes plus a short non-secret display prefix (:mod:`.tenants`).
 * **Tenant isolation.** Every object carries its tenant; every get/list/delete takes the
   tenant id and returns None/False/[] for another tenant's object.
+* **Batch lines exactly once** (:mod:`proxy.storage.batches`): a line's answer is one row keyed
+  by (batch, line number), counted in the same transaction; a batch ends with its output and
+  error files in one transaction.
 * **Versioned schema** (:mod:`proxy.storage.schema`): migrations run in order, once, in the
   start-up transaction; the ledger survives upgrades.
 """
