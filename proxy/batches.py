@@ -84,10 +84,17 @@ def _together(
             return context.backend.generate(p.prompt_ids, p.params, tenant=key.tenant_id)
 
     def run(i: int, prepared: Prepared) -> Answer | None:
+        events = generate(i, prepared)
         try:
-            return reply_answer(prepared, generate(i, prepared))
+            return reply_answer(prepared, events)
         except Stopped:
             return None
+        finally:
+            # release the line's rows now, whatever happened (a suspended generator kept
+            # alive by a traceback would hold the other lines at the shared step)
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
 
     retry: list[InputLine] = []
     with ThreadPoolExecutor(max_workers=len(pending), thread_name_prefix="dpicl-line") as pool:

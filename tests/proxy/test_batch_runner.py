@@ -299,3 +299,28 @@ def test_expired_and_early_cancelled_batches(tmp_path: Path) -> None:
     assert cancelled.status == "cancelled" and cancelled.cancelled_at
     assert (cancelled.completed, cancelled.failed, cancelled.output_file_id) == (0, 0, None)
     store.close()
+
+
+def test_a_line_failing_mid_generation_frees_its_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line whose answer fails after its first token (a bug, say) releases its rows at once:
+    the chunk's other lines finish, and it gets the online route's 500."""
+    from proxy.responses import Reply
+
+    real = Reply.json
+
+    def failing(self: Reply, events: Any) -> dict[str, Any]:
+        if self.n == 3:
+            next(events)
+            raise RuntimeError("boom")
+        return real(self, events)
+
+    monkeypatch.setattr(Reply, "json", failing)
+    store = Store(f"sqlite:///{tmp_path / 'f.db'}")
+    lines = [_line(0, max_tokens=8), _line(1, n=3), _line(2, max_tokens=8)]
+    results: list[LineResult] = []
+    run_lines(_context(store), local_key(), lines, results.append, chunk_lines=3)
+    status = {r.line: json.loads(r.text)["response"]["status_code"] for r in results}
+    assert status == {1: 200, 2: 500, 3: 200}
+    store.close()
