@@ -5,7 +5,8 @@ while the batch is ``validating``; if any line is malformed the batch fails with
 any line, and ``errors.data`` names every bad line by number (1-based, blank lines counted and
 skipped), at most :data:`MAX_LISTED_ERRORS` of them. A line is malformed when it is not a JSON
 object, lacks a string ``custom_id`` (or repeats one), its ``method`` is not ``POST``, its
-``url`` is not the batch's endpoint, or its ``body`` is not an object. What a body *says* (an
+``url`` is not the batch's endpoint, or its ``body`` is not an object (a missing ``method``
+is POST, a missing ``url`` the batch's endpoint). What a body *says* (an
 unknown model, a bad temperature, ``stream``) is the line's own answer: the 4xx status and
 error body the online route would return, in the error file. Messages name line numbers and
 fields, never the line's content.
