@@ -1,7 +1,7 @@
 """Start real ``dpicl serve`` processes on loopback ports, for end-to-end tests and benchmarks.
 
-Invariants: a :class:`Server` runs ``python -m proxy.cli serve`` from the repository root with
-``HF_HUB_OFFLINE=1``, on ``127.0.0.1`` and a port nobody held when it was chosen; ``start``
+Invariants: a :class:`Server` runs ``python -m proxy.cli serve`` (or ``entry``, a module that
+wraps that CLI) from the repository root with ``HF_HUB_OFFLINE=1``, on ``127.0.0.1`` and a port nobody held when it was chosen; ``start``
 returns only once ``/health`` answers 200 (or raises with the tail of the server's log), and
 ``stop`` always reaps the process (terminate, then kill after 20 s).
 """
@@ -69,6 +69,12 @@ class Server:
     """``--threads`` (the embedded engine's torch threads; None: all cores)."""
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    entry: str = "proxy.cli"
+    """The module run with ``python -m`` (a test may wrap the CLI to register an engine)."""
+    extra_args: tuple[str, ...] = ()
+    """More ``serve`` options."""
+    env: dict[str, str] = field(default_factory=dict)
+    """More environment variables for the server process."""
 
     @property
     def url(self) -> str:
@@ -79,7 +85,7 @@ class Server:
         return [
             sys.executable,
             "-m",
-            "proxy.cli",
+            self.entry,
             "serve",
             "--host",
             "127.0.0.1",
@@ -95,11 +101,12 @@ class Server:
             self.engine,
             *(["--serving", self.serving] if self.serving != "auto" else []),
             *(["--threads", str(self.threads)] if self.threads else []),
+            *self.extra_args,
         ]
 
     def start(self, timeout: float = 240, poll: float = 0.25) -> Server:
         """Start the server and wait (polling ``/health`` every ``poll`` s) until it answers."""
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", **self.env)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             self.command(), cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 
 from dp_decoding.engines.base import Engine
 from proxy.backends import Backend, backend_for
+from proxy.batches import CHUNK_LINES, BatchRunner
 from proxy.context import AppContext
 from proxy.errors import install_error_handlers, storage_unavailable
 from proxy.jobs import JobRunner
@@ -39,15 +40,18 @@ def create_app(
     run_jobs: bool = True,
     serving_backend: Backend | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    batch_chunk_lines: int = CHUNK_LINES,
 ) -> FastAPI:
     """The app over ``store`` (the ledger) and ``engine`` (one model for jobs and serving).
 
-    ``metrics_key`` enables ``/metrics``; ``run_jobs=False`` admits and charges jobs without
-    running them (tests); ``serving_backend`` replaces the chat/completions backend that
-    :func:`proxy.backends.backend_for` would pick; ``limits`` bound what a client may send
-    (:mod:`proxy.limits`: bodies are counted while read, before any parsing). ``app.state``
-    keeps ``store``, ``engine``, ``runner``, ``serving`` (closed by the CLI at shutdown) and
-    ``context``.
+    ``metrics_key`` enables ``/metrics``; ``run_jobs=False`` admits and charges jobs, and
+    accepts batches, without running them (tests); ``serving_backend`` replaces the
+    chat/completions backend that :func:`proxy.backends.backend_for` would pick; ``limits``
+    bound what a client may send (:mod:`proxy.limits`: bodies are counted while read, before
+    any parsing); ``batch_chunk_lines`` is how many batch lines share one engine batch.
+    ``app.state`` keeps ``store``, ``engine``, ``runner``, ``batches`` (the caller resumes
+    unfinished batches with ``batches.resume()``), ``serving`` (closed by the CLI at shutdown)
+    and ``context``.
     """
     app = FastAPI(title="dpicl", version="0.1.0", docs_url=None, redoc_url=None)
     install_error_handlers(app)
@@ -57,7 +61,9 @@ def create_app(
     backend = serving_backend or backend_for(engine)
     track_serving(metrics, backend)
     runner = JobRunner(store, engine) if run_jobs else None
+    batches = BatchRunner(store, chunk_lines=batch_chunk_lines) if run_jobs else None
     app.state.store, app.state.engine, app.state.runner = store, engine, runner
+    app.state.batches = batches
     app.state.serving = backend
     app.state.context = AppContext(
         store=store,
@@ -68,7 +74,10 @@ def create_app(
         base_model=engine.name,
         metrics_key=metrics_key,
         limits=limits,
+        batches=batches,
     )
+    if batches is not None:
+        batches.start(app.state.context)
 
     @app.exception_handler(StorageError)
     async def _storage(request: Request, exc: StorageError) -> JSONResponse:

@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def build_parser() -> argparse.ArgumentParser:
     from dp_decoding import cli as core_cli
     from evaluation import cli as eval_cli
+    from proxy import classify as classify_cli
 
     parser = argparse.ArgumentParser(
         prog="dpicl",
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     core_cli.register(sub)
     eval_cli.register(sub)
+    classify_cli.register(sub, _db_arg)
     m = sub.add_parser("model", help="prepare the embedded model (convert the shipped GGUF once)")
     m.add_argument("action", choices=("prepare", "path"))
     m.set_defaults(func=_cmd_model)
@@ -72,7 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help="at start-up, mark queued/running jobs failed (they stay charged and are never "
-        "re-run); with PostgreSQL only those idle this long (default 3600)",
+        "re-run) and resume unfinished batches; with PostgreSQL only those idle this long "
+        "(default 3600; batches are rescanned every minute)",
+    )
+    s.add_argument(
+        "--batch-chunk-lines",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Batch API lines generated together in one engine batch (default 32)",
     )
     s.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
@@ -135,6 +145,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dpicl: error: {exc}", file=sys.stderr)
         return 2
+    if args.batch_chunk_lines is not None and args.batch_chunk_lines < 1:
+        print("dpicl: error: --batch-chunk-lines must be at least 1", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     store = _open_store(args.db)
     stale = args.fail_stale_jobs_after
@@ -148,9 +161,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     engine_kwargs = {"threads": args.threads} if args.threads and args.engine == "embedded" else {}
     engine = load_engine(args.engine, **engine_kwargs)
     backend = backend_for(engine, args.serving)
+    chunk = {"batch_chunk_lines": args.batch_chunk_lines} if args.batch_chunk_lines else {}
     app = create_app(
-        store, engine, metrics_key=args.metrics_key, limits=limits, serving_backend=backend
+        store, engine, metrics_key=args.metrics_key, limits=limits, serving_backend=backend, **chunk
     )
+    # with PostgreSQL, replicas share batches: take over only those idle for `stale` seconds
+    resumed = app.state.batches.resume(stale_after=stale)
+    if resumed:
+        print(f"dpicl: resuming {resumed} unfinished batch(es)", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

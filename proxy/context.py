@@ -8,6 +8,7 @@ one process (tests, benchmarks) never share a store, an engine or a metrics regi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from fastapi import Request
 
@@ -18,7 +19,16 @@ from proxy.metrics import Metrics
 from proxy.serving import Backend
 from proxy.store import Store
 
-__all__ = ["AppContext", "get_context"]
+__all__ = ["AppContext", "BatchQueue", "get_context"]
+
+
+class BatchQueue(Protocol):
+    """What the Batch API's routes ask of :class:`proxy.batches.BatchRunner` (a protocol, so
+    that this module does not import the runner, which imports it)."""
+
+    def submit(self, batch_id: str) -> None: ...
+
+    def cancel(self, batch_id: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,7 @@ class AppContext:
     base_model: str
     metrics_key: str | None = None
     limits: Limits = DEFAULT_LIMITS
+    batches: BatchQueue | None = None
 
 
 def get_context(request: Request) -> AppContext:

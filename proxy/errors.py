@@ -8,6 +8,7 @@ request cannot be echoed back through an error.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,9 +22,11 @@ __all__ = [
     "APIError",
     "budget_exceeded",
     "install_error_handlers",
+    "internal_error",
     "model_not_found",
     "not_found",
     "storage_unavailable",
+    "validation_error",
 ]
 
 
@@ -47,8 +50,9 @@ class APIError(Exception):
         self.code = code
         self.headers = headers or {}
 
-    def response(self) -> JSONResponse:
-        body = {
+    def body(self) -> dict[str, Any]:
+        """The JSON body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {
             "error": {
                 "message": self.message,
                 "type": self.type,
@@ -56,7 +60,9 @@ class APIError(Exception):
                 "code": self.code,
             }
         }
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def not_found(what: str, ident: str | None = None, param: str | None = None) -> APIError:
@@ -99,6 +105,11 @@ def budget_exceeded(requested: float, remaining: float, which: str) -> APIError:
     )
 
 
+def internal_error() -> APIError:
+    """500 for anything unexpected; the exception's text is never returned."""
+    return APIError(500, "Internal server error.", "api_error", None, None)
+
+
 _STATUS_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -136,6 +147,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     return f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param, code
 
 
+def validation_error(exc: RequestValidationError) -> APIError:
+    """400 (not FastAPI's 422) for a body that fails its schema."""
+    message, param, code = _validation_message(exc)
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every failure leaves OpenAI-shaped: our errors, body validation (400, not 422),
     Starlette's 404/405 and anything unexpected (500, its text never logged or returned)."""
@@ -146,8 +163,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param, code = _validation_message(exc)
-        return APIError(400, message, "invalid_request_error", param, code).response()
+        return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -164,4 +180,4 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # the exception's text is not logged: it might quote private data
         log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
-        return APIError(500, "Internal server error.", "api_error", None, None).response()
+        return internal_error().response()

@@ -22,6 +22,9 @@ Invariants (docs/ARCHITECTURE.md §4, §6), each kept by the module named:
   are stored as SHA-256 hashes plus a short non-secret display prefix (:mod:`.tenants`).
 * **Tenant isolation.** Every object carries its tenant; every get/list/delete takes the
   tenant id and returns None/False/[] for another tenant's object.
+* **Batch lines exactly once** (:mod:`proxy.storage.batches`): a line's answer is one row keyed
+  by (batch, line number), counted in the same transaction; a batch ends with its output and
+  error files in one transaction.
 * **Versioned schema** (:mod:`proxy.storage.schema`): migrations run in order, once, in the
   start-up transaction; the ledger survives upgrades.
 """
@@ -36,7 +39,9 @@ from accountant import JobEvent, compose_pld_epsilon
 from .db import Database, StorageError
 from .storage import admission, ledger, report
 from .storage.admission import default_reference_event
+from .storage.batches import Batch, Batches, LineResult
 from .storage.datasets import Datasets
+from .storage.files import FileInUse, Files, StoredFile
 from .storage.jobs import Jobs
 from .storage.models import (
     INTERRUPTED_ERROR,
@@ -53,15 +58,19 @@ from .storage.tenants import Tenants
 
 __all__ = [
     "ApiKey",
+    "Batch",
     "BudgetExceeded",
     "DEFAULT_CHARGES",
     "Dataset",
+    "FileInUse",
     "INTERRUPTED_ERROR",
     "Job",
     "MAX_CHARGES",
+    "LineResult",
     "NotFound",
     "StorageError",
     "Store",
+    "StoredFile",
     "Tenant",
     "compose_pld_epsilon",
     "default_reference_event",
@@ -86,6 +95,8 @@ class Store:
         self.tenants = Tenants(self.db, default_reference_event)
         self.datasets = Datasets(self.db)
         self.jobs = Jobs(self.db)
+        self.files = Files(self.db)
+        self.batches = Batches(self.db)
 
     @classmethod
     def open(cls, url: str, *, schema: str | None = None) -> Store:
@@ -231,6 +242,68 @@ class Store:
         failed, so a restarting replica leaves its peers' live jobs alone.
         """
         return self.jobs.fail_interrupted(stale_after=stale_after)
+
+    # -- Batch API: files ------------------------------------------------------------------
+    def create_file(self, tenant_id: str, filename: str, purpose: str, data: bytes) -> StoredFile:
+        """Store an uploaded file's bytes (``purpose`` "batch" or "batch_output")."""
+        return self.files.create(tenant_id, filename, purpose, data)
+
+    def get_file(self, tenant_id: str, file_id: str) -> StoredFile | None:
+        return self.files.get(tenant_id, file_id)
+
+    def file_content(self, tenant_id: str, file_id: str) -> bytes | None:
+        return self.files.content(tenant_id, file_id)
+
+    def list_files(
+        self,
+        tenant_id: str,
+        *,
+        purpose: str | None = None,
+        after: str | None = None,
+        limit: int = 10_000,
+        ascending: bool = False,
+    ) -> tuple[list[StoredFile], bool]:
+        """A page of the tenant's files and whether more follow (cursor ``after``)."""
+        return self.files.page(
+            tenant_id, purpose=purpose, after=after, limit=limit, ascending=ascending
+        )
+
+    def delete_file(self, tenant_id: str, file_id: str) -> bool:
+        """False if absent; :class:`FileInUse` if an unfinished batch reads it."""
+        return self.files.delete(tenant_id, file_id)
+
+    # -- Batch API: batches (see proxy.storage.batches for the invariants) -----------------
+    def create_batch(
+        self,
+        tenant_id: str,
+        key_id: str,
+        *,
+        endpoint: str,
+        input_file_id: str,
+        completion_window: str,
+        metadata: dict[str, str] | None = None,
+    ) -> Batch:
+        """A new ``validating`` batch. NotFound for another tenant's or a missing file."""
+        return self.batches.create(
+            tenant_id,
+            key_id,
+            endpoint=endpoint,
+            input_file_id=input_file_id,
+            completion_window=completion_window,
+            metadata=metadata,
+        )
+
+    def get_batch(self, tenant_id: str, batch_id: str) -> Batch | None:
+        return self.batches.get(tenant_id, batch_id)
+
+    def list_batches(
+        self, tenant_id: str, *, after: str | None = None, limit: int = 20
+    ) -> tuple[list[Batch], bool]:
+        return self.batches.page(tenant_id, after=after, limit=limit)
+
+    def cancel_batch(self, tenant_id: str, batch_id: str) -> Batch | None:
+        """Ask a validating or running batch to stop; returns it as it is now."""
+        return self.batches.cancel(tenant_id, batch_id)
 
     # -- budget report ---------------------------------------------------------------------
     def budget(

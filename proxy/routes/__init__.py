@@ -8,7 +8,7 @@ module             routes
 ``datasets``       ``/v1/private/datasets`` (admin keys)
 ``demonstrations`` ``/v1/private/demonstrations`` (admin keys: plan, admit, status)
 ``account``        ``/v1/private/budget``, ``/v1/private/keys`` (admin keys)
-``batch``          reserved for ``/v1/files`` and ``/v1/batches`` (no routes yet)
+``batch``          ``/v1/files``, ``/v1/batches`` (any key: OpenAI's Batch API)
 =================  ===================================================================
 
 Every route reaches the store, engine and metrics only through

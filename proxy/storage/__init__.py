@@ -6,7 +6,9 @@
 * :mod:`.models`: the stored value types (Tenant, ApiKey, Dataset, Job), the errors, and the
   conversion of rows into them.
 * :mod:`.codec` / :mod:`.validation`: canonical JSON, ids, key hashes; argument checks.
-* :mod:`.tenants`, :mod:`.datasets`, :mod:`.jobs`: one repository per resource.
+* :mod:`.tenants`, :mod:`.datasets`, :mod:`.jobs`: one repository per resource;
+  :mod:`.files` and :mod:`.batches` for the Batch API (files with their bytes, batches, one
+  exactly-once row per answered line).
 * :mod:`.ledger`: the append-only hash-chained ledger (row hashing, append, verify).
 * :mod:`.admission`: admit a job (charge the filters, append the ledger row, insert the job)
   in one transaction; :mod:`.report`: the budget report.

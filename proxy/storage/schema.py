@@ -191,7 +191,66 @@ def _records_without_user(tx: Transaction) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Migration 5: the budget summary (versions 3 and 4 are reserved for other tables).
+# Migration 3: the Batch API (files with their bytes, batches, one row per answered line).
+
+_BATCH_TABLES: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS files (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id),
+        filename TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        bytes {BIGINT} NOT NULL,
+        data {BLOB} NOT NULL,
+        created {REAL} NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS files_tenant ON files (tenant_id, created)",
+    """CREATE TABLE IF NOT EXISTS batches (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id),
+        key_id TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        input_file_id TEXT NOT NULL,
+        completion_window TEXT NOT NULL,
+        status TEXT NOT NULL,
+        metadata TEXT,
+        errors TEXT,
+        output_file_id TEXT,
+        error_file_id TEXT,
+        total {BIGINT} NOT NULL,
+        completed {BIGINT} NOT NULL,
+        failed {BIGINT} NOT NULL,
+        created {REAL} NOT NULL,
+        updated {REAL} NOT NULL,
+        expires_at {REAL} NOT NULL,
+        in_progress_at {REAL},
+        finalizing_at {REAL},
+        completed_at {REAL},
+        failed_at {REAL},
+        expired_at {REAL},
+        cancelling_at {REAL},
+        cancelled_at {REAL}
+    )""",
+    "CREATE INDEX IF NOT EXISTS batches_tenant ON batches (tenant_id, created)",
+    "CREATE INDEX IF NOT EXISTS batches_status ON batches (status)",
+    """CREATE TABLE IF NOT EXISTS batch_lines (
+        batch_id TEXT NOT NULL REFERENCES batches(id),
+        line {BIGINT} NOT NULL,
+        ok {BIGINT} NOT NULL,
+        result TEXT NOT NULL,
+        created {REAL} NOT NULL,
+        PRIMARY KEY (batch_id, line)
+    )""",
+)
+
+
+def _batch_api(tx: Transaction) -> None:
+    blob = "BLOB" if tx.dialect == "sqlite" else "BYTEA"
+    for statement in _BATCH_TABLES:
+        tx.execute_ddl(statement.replace("{BLOB}", blob))
+
+
+# ---------------------------------------------------------------------------------------------
+# Migration 4: the budget summary.
 
 
 def _budget_summary(tx: Transaction) -> None:
@@ -206,8 +265,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         2, "datasets.records_without_user, filled from the stored records", _records_without_user
     ),
+    Migration(3, "the Batch API: files, batches and batch_lines", _batch_api),
     Migration(
-        5, "budget_summary: per-tenant spend summary, filled from the ledger", _budget_summary
+        4, "budget_summary: per-tenant spend summary, filled from the ledger", _budget_summary
     ),
 )
 SCHEMA_VERSION: int = MIGRATIONS[-1].version

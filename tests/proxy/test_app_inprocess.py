@@ -334,8 +334,8 @@ def test_serving_key_sees_unfinished_sets_as_nonexistent(tmp_path: Path) -> None
 
 
 def test_routes_are_wired_in_their_historic_order(tmp_path: Path) -> None:
-    """create_app includes the ops, OpenAI, private and (empty) batch routers: exactly these
-    routes, in this order (route order decides matching and the order of /openapi.json)."""
+    """create_app includes the ops, OpenAI, private and batch routers: exactly these routes,
+    in this order (route order decides matching and the order of /openapi.json)."""
     store = Store.open(f"sqlite:///{tmp_path / 'r.db'}")
     app = create_app(store, _Engine(), run_jobs=False)
     from fastapi.routing import APIRoute
@@ -358,6 +358,15 @@ def test_routes_are_wired_in_their_historic_order(tmp_path: Path) -> None:
         ("/v1/private/demonstrations/{job_id}", ["GET"]),
         ("/v1/private/budget", ["GET"]),
         ("/v1/private/keys", ["POST"]),
+        ("/v1/files", ["POST"]),
+        ("/v1/files", ["GET"]),
+        ("/v1/files/{file_id}", ["GET"]),
+        ("/v1/files/{file_id}/content", ["GET"]),
+        ("/v1/files/{file_id}", ["DELETE"]),
+        ("/v1/batches", ["POST"]),
+        ("/v1/batches", ["GET"]),
+        ("/v1/batches/{batch_id}", ["GET"]),
+        ("/v1/batches/{batch_id}/cancel", ["POST"]),
     ]
     store.close()
 
