@@ -47,6 +47,7 @@ from .storage.models import (
     NotFound,
     Tenant,
 )
+from .storage.predictors import Predictors
 from .storage.schema import upgrade as upgrade_schema
 from .storage.tenants import Tenants
 
@@ -83,6 +84,8 @@ class Store:
         self.tenants = Tenants(self.db, default_reference_event)
         self.datasets = Datasets(self.db)
         self.jobs = Jobs(self.db)
+        self.predictors = Predictors(self.db)
+        """Private predictors and their charged queries (:mod:`proxy.storage.predictors`)."""
 
     @classmethod
     def open(cls, url: str, *, schema: str | None = None) -> Store:
