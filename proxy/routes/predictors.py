@@ -226,17 +226,20 @@ def answer_query(
     request_hash = hashlib.sha256(
         canonical({"predictor": predictor.id, "query": query}).encode("utf-8")
     ).hexdigest()
-    req = JobRequest.validate(
-        key.tenant_id,
-        name=None,
-        dataset_id=predictor.dataset_id,
-        plan={"predictor": predictor.id, **plan.to_dict()},
-        event=plan.event(),
-        epsilon=plan.epsilon,
-        delta=plan.delta,
-        idempotency_key=idempotency_key,
-        key_id=key.id,
-    )
+    try:
+        req = JobRequest.validate(
+            key.tenant_id,
+            name=None,
+            dataset_id=predictor.dataset_id,
+            plan={"predictor": predictor.id, **plan.to_dict()},
+            event=plan.event(),
+            epsilon=plan.epsilon,
+            delta=plan.delta,
+            idempotency_key=idempotency_key,
+            key_id=key.id,
+        )
+    except ValueError as exc:  # only the idempotency key can be malformed here
+        raise APIError(400, str(exc), param="Idempotency-Key") from None
     try:
         row, _ = store.predictors.admit_query(req, predictor, request_hash)
     except BudgetExceeded as exc:

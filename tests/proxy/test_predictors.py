@@ -240,6 +240,8 @@ def test_bad_bodies_are_openai_shaped_and_charge_nothing(env: dict[str, Any]) ->
         headers=_h(env["serving"]),
     )
     assert empty.status_code == 400
+    too_long = _ask(env, "p", **{"Idempotency-Key": "k" * 300})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "Idempotency-Key"
     assert env["store"].ledger_rows(env["tenant"].id) == []
     assert env["engine"].started == []
 
