@@ -270,3 +270,14 @@ def test_name_taken_and_partition_sampling(env: dict[str, Any]) -> None:
     assert _ask(env, "part", "same").status_code == 200
     first, second = env["engine"].started
     assert first == second  # the same fixed partition (the stored key) for every query
+
+
+def test_a_capped_key_stops_at_its_own_cap(env: dict[str, Any]) -> None:
+    _predictor(env, _rows(20), epsilon=1.0, sampling_rate=1.0)
+    _, capped = env["store"].create_key(env["tenant"].id, "serving", epsilon_cap=2.0)
+    codes = [_ask(env, "p", f"q{i}", key=capped).status_code for i in range(12)]
+    assert 200 in codes and codes[-1] == 429
+    assert codes == sorted(codes)  # answered first, then refused
+    refused = _ask(env, "p", "more", key=capped).json()["error"]
+    assert refused["code"] == "privacy_budget_exceeded" and "key" in refused["message"]
+    assert _ask(env, "p", "the tenant still has budget").status_code == 200
