@@ -20,7 +20,12 @@ from proxy.auth import require_key
 from proxy.context import AppContext, get_context
 from proxy.errors import APIError, model_not_found
 from proxy.responses import CHAT, COMPLETION, Reply
-from proxy.routes import predictors
+from proxy.routes.predictors import (
+    find_predictor,
+    model_cards,
+    predicted_chat,
+    predicted_completion,
+)
 from proxy.schemas import ChatCompletionRequest, CompletionRequest
 from proxy.serving import SamplingParams
 from proxy.store import ApiKey
@@ -52,7 +57,7 @@ def list_models(
                     "root": context.base_model,
                 }
             )
-    data.extend(predictors.model_cards(context, key))
+    data.extend(model_cards(context, key))
     return {"object": "list", "data": data}
 
 
@@ -64,7 +69,7 @@ def get_model(
         return _base_model_card(context.base_model)
     job = context.store.get_job_by_name(key.tenant_id, model_id)
     if job is None or job.status != "succeeded":
-        cards = [c for c in predictors.model_cards(context, key) if c["id"] == model_id]
+        cards = [c for c in model_cards(context, key) if c["id"] == model_id]
         if cards:
             return cards[0]
         raise model_not_found(model_id)
@@ -159,8 +164,8 @@ def chat(
     context: AppContext = Depends(get_context),
     idempotency_key: str | None = Header(default=None),
 ) -> dict[str, Any] | StreamingResponse:
-    if (predictor := predictors.find_predictor(context, key, body.model)) is not None:
-        return predictors.predicted_chat(context, key, predictor, body, idempotency_key)
+    if (predictor := find_predictor(context, key, body.model)) is not None:
+        return predicted_chat(context, key, predictor, body, idempotency_key)
     messages = _chat_messages(body, _demo_prefix(context, key, body.model))
     engine = context.engine
     # The serving engine templates chats (every built-in engine does: ChatTemplating).
@@ -187,8 +192,8 @@ def completions(
     context: AppContext = Depends(get_context),
     idempotency_key: str | None = Header(default=None),
 ) -> dict[str, Any] | StreamingResponse:
-    if (predictor := predictors.find_predictor(context, key, body.model)) is not None:
-        return predictors.predicted_completion(context, key, predictor, body, idempotency_key)
+    if (predictor := find_predictor(context, key, body.model)) is not None:
+        return predicted_completion(context, key, predictor, body, idempotency_key)
     prefix = _demo_prefix(context, key, body.model)
     prompt = body.prompt_text()
     if prefix:
