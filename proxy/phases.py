@@ -6,7 +6,7 @@ Both serving backends that batch (:mod:`proxy.batching` on the embedded engine,
 holder can take the lock back, so a private engine call waits for at most one serving turn and a
 serving turn for at most one private engine call.
 
-The lock also keeps a *time share* for continuous batching (docs/ARCHITECTURE.md §8): it adds up
+The lock also keeps a *time share* for continuous batching (docs/ARCHITECTURE.md §9): it adds up
 how long the threads marked as serving (:meth:`PhaseLock.serve_from_this_thread`) and all other
 threads (the private jobs) hold it. While private work is active — a private thread waits for
 the lock, holds it, or released it less than ``idle`` seconds ago — :meth:`PhaseLock.wait_share`

@@ -52,6 +52,7 @@ from .storage.models import (
     NotFound,
     Tenant,
 )
+from .storage.predictors import Predictors
 from .storage.report import DEFAULT_CHARGES, MAX_CHARGES
 from .storage.schema import upgrade as upgrade_schema
 from .storage.tenants import Tenants
@@ -97,6 +98,8 @@ class Store:
         self.jobs = Jobs(self.db)
         self.files = Files(self.db)
         self.batches = Batches(self.db)
+        self.predictors = Predictors(self.db)
+        """Private predictors and their charged queries (:mod:`proxy.storage.predictors`)."""
 
     @classmethod
     def open(cls, url: str, *, schema: str | None = None) -> Store:

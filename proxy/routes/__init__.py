@@ -8,6 +8,7 @@ module             routes
 ``datasets``       ``/v1/private/datasets`` (admin keys)
 ``demonstrations`` ``/v1/private/demonstrations`` (admin keys: plan, admit, status)
 ``account``        ``/v1/private/budget``, ``/v1/private/keys`` (admin keys)
+``predictors``     ``/v1/private/predictors`` (admin keys); answers to predictor models
 ``batch``          ``/v1/files``, ``/v1/batches`` (any key: OpenAI's Batch API)
 =================  ===================================================================
 
@@ -17,7 +18,7 @@ Every route reaches the store, engine and metrics only through
 
 from __future__ import annotations
 
-from proxy.routes import account, batch, datasets, demonstrations, openai, ops
+from proxy.routes import account, batch, datasets, demonstrations, openai, ops, predictors
 
 ROUTERS = (
     ops.router,
@@ -25,6 +26,7 @@ ROUTERS = (
     datasets.router,
     demonstrations.router,
     account.router,
+    predictors.router,
     batch.router,
 )
 """In registration order (which is also the order of ``/openapi.json``)."""

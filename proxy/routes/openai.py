@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
@@ -22,6 +22,12 @@ from proxy.auth import require_key
 from proxy.context import AppContext, get_context
 from proxy.errors import model_not_found
 from proxy.responses import until_disconnect
+from proxy.routes.predictors import (
+    find_predictor,
+    model_cards,
+    predicted_chat,
+    predicted_completion,
+)
 from proxy.schemas import ChatCompletionRequest, CompletionRequest
 from proxy.serving import AsyncBackend
 from proxy.store import ApiKey
@@ -51,6 +57,7 @@ def list_models(
                     "root": context.base_model,
                 }
             )
+    data.extend(model_cards(context, key))
     return {"object": "list", "data": data}
 
 
@@ -62,6 +69,9 @@ def get_model(
         return _base_model_card(context.base_model)
     job = context.store.get_job_by_name(key.tenant_id, model_id)
     if job is None or job.status != "succeeded":
+        cards = [c for c in model_cards(context, key) if c["id"] == model_id]
+        if cards:
+            return cards[0]
         raise model_not_found(model_id)
     return {
         "id": job.name,
@@ -106,10 +116,22 @@ async def _answer(
     context: AppContext,
     key: ApiKey,
     body: ChatCompletionRequest | CompletionRequest,
+    idempotency_key: str | None,
 ) -> dict[str, Any] | Response:
     """Limits first (bounded before any tokenization, :mod:`proxy.limits`), then the store
-    look-up and the tokenizer in the thread pool (blocking), then the backend."""
+    look-up and the tokenizer in the thread pool (blocking), then the backend. A model that
+    names one of the tenant's private predictors is one charged query instead
+    (:mod:`proxy.routes.predictors`; blocking, in the thread pool)."""
     check_limits(context, body)
+    predictor = await run_in_threadpool(find_predictor, context, key, body.model)
+    if predictor is not None:
+        if isinstance(body, ChatCompletionRequest):
+            return await run_in_threadpool(
+                predicted_chat, context, key, predictor, body, idempotency_key
+            )
+        return await run_in_threadpool(
+            predicted_completion, context, key, predictor, body, idempotency_key
+        )
     prepared = await run_in_threadpool(prepare, context, key, body)
     return await _respond(request, context, key, prepared)
 
@@ -120,8 +142,9 @@ async def chat(
     body: ChatCompletionRequest,
     key: ApiKey = Depends(require_key),
     context: AppContext = Depends(get_context),
+    idempotency_key: str | None = Header(default=None),
 ) -> dict[str, Any] | Response:
-    return await _answer(request, context, key, body)
+    return await _answer(request, context, key, body, idempotency_key)
 
 
 @router.post("/v1/completions", response_model=None)
@@ -130,5 +153,6 @@ async def completions(
     body: CompletionRequest,
     key: ApiKey = Depends(require_key),
     context: AppContext = Depends(get_context),
+    idempotency_key: str | None = Header(default=None),
 ) -> dict[str, Any] | Response:
-    return await _answer(request, context, key, body)
+    return await _answer(request, context, key, body, idempotency_key)

@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -48,9 +48,12 @@ from .validation import check_delta, check_epsilon, check_name
 __all__ = [
     "JobRequest",
     "admit",
+    "charge_locked",
     "default_reference",
     "default_reference_event",
     "key_filter",
+    "lock_key",
+    "run_admission",
     "tenant_filter",
 ]
 
@@ -187,11 +190,16 @@ def _check_references(tx: Transaction, req: JobRequest) -> dict[str, Any] | None
         ).one()
     ):
         raise NotFound("unknown dataset")
-    if req.key_id is None:
+    return lock_key(tx, tid, req.key_id)
+
+
+def lock_key(tx: Transaction, tenant_id: str, key_id: str | None) -> dict[str, Any] | None:
+    """The key's row, locked (None for no key); NotFound for another tenant's or no key."""
+    if key_id is None:
         return None
     key_row = tx.execute(
         "SELECT * FROM api_keys WHERE id = ? AND tenant_id = ?" + tx.for_update,
-        (req.key_id, tid),
+        (key_id, tenant_id),
     ).one()
     if key_row is None:
         raise NotFound("unknown key")
@@ -232,6 +240,25 @@ def _admit_locked(tx: Transaction, req: JobRequest, charge: float, now: float) -
         if existing is not None:
             return job_from_row(existing), False
     key_row = _check_references(tx, req)
+    job = _new_job(req, now)
+    charge_locked(tx, row, key_row, req, job.id, charge, now)
+    insert_job(tx, job, req.plan_json)
+    return job, True
+
+
+def charge_locked(
+    tx: Transaction,
+    row: dict[str, Any],
+    key_row: dict[str, Any] | None,
+    req: JobRequest,
+    charged_id: str,
+    charge: float,
+    now: float,
+) -> None:
+    """Inside an admission transaction holding the tenant row (``row``) and the key row
+    (``key_row``, None for no key) locked: refuse with :class:`_Refused` unless every filter
+    admits ``req.curve``, else append the ledger row for ``charged_id`` (a job or a
+    predictor query) and raise the running spend(s). Shared by jobs and predictor queries."""
     filters = [tenant_filter(row)]
     capped = key_filter(key_row, float(row["delta"]))
     if capped is not None:
@@ -239,10 +266,8 @@ def _admit_locked(tx: Transaction, req: JobRequest, charge: float, now: float) -
     refused = refusing_filter(filters, req.curve)
     if refused is not None:
         raise _Refused(refused.which, filters)
-
-    job = _new_job(req, now)
     charged = ledger.Charge(
-        job_id=job.id,
+        job_id=charged_id,
         key_id=req.key_id,
         event=req.event.to_dict(),
         plan_json=req.plan_json,
@@ -259,14 +284,27 @@ def _admit_locked(tx: Transaction, req: JobRequest, charge: float, now: float) -
             "UPDATE api_keys SET spent_at_order = ? WHERE id = ?",
             (add_spent(capped.spent, key_charge), req.key_id),
         )
-    insert_job(tx, job, req.plan_json)
-    return job, True
 
 
 def admit(
     db: Database, req: JobRequest, reference: Callable[[float], JobEvent] | None
 ) -> tuple[Job, bool]:
     """Run the admission transaction for ``req``; BudgetExceeded (after rollback) on refusal."""
+    return run_admission(db, req, reference, _admit_locked)
+
+
+T = TypeVar("T")
+
+
+def run_admission(
+    db: Database,
+    req: JobRequest,
+    reference: Callable[[float], JobEvent] | None,
+    body: Callable[[Transaction, JobRequest, float, float], T],
+) -> T:
+    """``body(tx, req, charge at the tenant's order, now)`` in one write transaction;
+    BudgetExceeded (after rollback) when it raises :class:`_Refused` (via
+    :func:`charge_locked`), NotFound for an unknown tenant."""
     with db.transaction() as tx:
         tenant_data = tenant_row(tx, req.tenant_id)
     if tenant_data is None:
@@ -276,7 +314,7 @@ def admit(
     now = time.time()
     try:
         with db.transaction(write=True) as tx:
-            return _admit_locked(tx, req, charge, now)
+            return body(tx, req, charge, now)
     except _Refused as refusal:
         remaining = largest_admissible(
             refusal.filters, reference or default_reference(tenant.delta), tenant.epsilon

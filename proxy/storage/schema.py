@@ -260,6 +260,42 @@ def _budget_summary(tx: Transaction) -> None:
     summary.fill(tx)
 
 
+# Migration 5: private predictors and their charged queries.
+
+_PREDICTOR_TABLES: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS predictors (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id),
+        name TEXT NOT NULL,
+        dataset_id TEXT NOT NULL,
+        plan TEXT NOT NULL,
+        epsilon {REAL} NOT NULL,
+        delta {REAL} NOT NULL,
+        secret TEXT NOT NULL,
+        created {REAL} NOT NULL,
+        UNIQUE (tenant_id, name)
+    )""",
+    """CREATE TABLE IF NOT EXISTS predictor_queries (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id),
+        predictor_id TEXT NOT NULL,
+        key_id TEXT,
+        idempotency_key TEXT,
+        request_hash TEXT NOT NULL,
+        answer TEXT,
+        created {REAL} NOT NULL,
+        answered {REAL},
+        UNIQUE (tenant_id, key_id, idempotency_key)
+    )""",
+    "CREATE INDEX IF NOT EXISTS predictor_queries_predictor ON predictor_queries (predictor_id)",
+)
+
+
+def _predictor_tables(tx: Transaction) -> None:
+    for statement in _PREDICTOR_TABLES:
+        tx.execute_ddl(statement)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "the schema of release abd6ed3", _release_schema),
     Migration(
@@ -269,6 +305,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         4, "budget_summary: per-tenant spend summary, filled from the ledger", _budget_summary
     ),
+    Migration(5, "private predictors and their charged queries", _predictor_tables),
 )
 SCHEMA_VERSION: int = MIGRATIONS[-1].version
 
