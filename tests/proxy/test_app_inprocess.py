@@ -358,6 +358,9 @@ def test_routes_are_wired_in_their_historic_order(tmp_path: Path) -> None:
         ("/v1/private/demonstrations/{job_id}", ["GET"]),
         ("/v1/private/budget", ["GET"]),
         ("/v1/private/keys", ["POST"]),
+        ("/v1/private/predictors", ["POST"]),
+        ("/v1/private/predictors", ["GET"]),
+        ("/v1/private/predictors/{predictor_id}", ["GET"]),
         ("/v1/files", ["POST"]),
         ("/v1/files", ["GET"]),
         ("/v1/files/{file_id}", ["GET"]),
@@ -367,9 +370,6 @@ def test_routes_are_wired_in_their_historic_order(tmp_path: Path) -> None:
         ("/v1/batches", ["GET"]),
         ("/v1/batches/{batch_id}", ["GET"]),
         ("/v1/batches/{batch_id}/cancel", ["POST"]),
-        ("/v1/private/predictors", ["POST"]),
-        ("/v1/private/predictors", ["GET"]),
-        ("/v1/private/predictors/{predictor_id}", ["GET"]),
     ]
     store.close()
 

@@ -76,9 +76,11 @@ def test_stopped_lockstep_answers_nothing_more() -> None:
         list(events)
 
 
-def _context(store: Store) -> AppContext:
+def _context(store: Store, serving: str = "step-loop") -> AppContext:
+    """The step loop by default (chunks share one engine batch through Lockstep); the fake
+    engine also batches continuously, which ``serving="batching"`` selects."""
     engine = ChatFakeEngine()
-    return AppContext(store, engine, Metrics(), backend_for(engine), None, engine.name)
+    return AppContext(store, engine, Metrics(), backend_for(engine, serving), None, engine.name)
 
 
 def _line(i: int, **body: Any) -> InputLine:
@@ -98,6 +100,35 @@ def test_run_lines_answers_each_line_once_and_batches_them(tmp_path: Path) -> No
     assert isinstance(engine, ChatFakeEngine)
     assert [len(rows) for rows in engine.started] == [4, 3, 2]  # the unknown model never ran
     store.close()
+
+
+def test_run_lines_on_the_continuous_batching_backend(tmp_path: Path) -> None:
+    """The embedded engine's default backend: a chunk's lines go to the scheduler together,
+    each answered once, with the same bodies as on the step loop (greedy, so equal)."""
+    lines = [_line(i, temperature=0) for i in range(7)] + [_line(7, model="nope"), _line(8, n=2)]
+    bodies: dict[str, list[Any]] = {}
+    for serving in ("step-loop", "batching"):
+        store = Store(f"sqlite:///{tmp_path / (serving + '.db')}")
+        context = _context(store, serving)
+        results: list[LineResult] = []
+        assert run_lines(context, local_key(), lines, results.append, chunk_lines=4)
+        assert sorted(r.line for r in results) == [line.line for line in lines]
+        assert [r.line for r in results if not r.ok] == [8]
+        bodies[serving] = sorted(
+            (r.line, [c["message"] for c in json.loads(r.text)["response"]["body"]["choices"]])
+            for r in results
+            if r.ok and r.line <= 7  # the greedy lines (line 9 samples n=2)
+        )
+        if serving == "batching":
+            engine = context.engine
+            assert isinstance(engine, ChatFakeEngine)
+            assert engine.started == []  # serving rows only: never a private-style batch
+            assert engine.serving_started
+        close = getattr(context.backend, "close", None)
+        if close is not None:
+            close()
+        store.close()
+    assert bodies["batching"] == bodies["step-loop"]
 
 
 def _stored_batch(store: Store, tenant: str, key_id: str, n: int) -> str:

@@ -281,3 +281,41 @@ def test_a_capped_key_stops_at_its_own_cap(env: dict[str, Any]) -> None:
     refused = _ask(env, "p", "more", key=capped).json()["error"]
     assert refused["code"] == "privacy_budget_exceeded" and "key" in refused["message"]
     assert _ask(env, "p", "the tenant still has budget").status_code == 200
+
+
+def test_batch_lines_to_a_predictor_are_charged_queries(env: dict[str, Any]) -> None:
+    """Through the Batch API's hook: each predictor line is one charged query, a line answered
+    again (a resumed batch: the same ``ref``) returns its stored answer without a new charge,
+    and lines past the budget fail 429 ``privacy_budget_exceeded``, never answered unpaid."""
+    from proxy.answering import CHAT_ENDPOINT, answer_line
+
+    _predictor(env, _rows(20), epsilon=2.0, sampling_rate=1.0)
+    store, tid = env["store"], env["tenant"].id
+    key = store.authenticate(env["serving"])
+    assert key is not None
+    context = env["c"].app.state.context
+    answers = [
+        answer_line(
+            context,
+            key,
+            CHAT_ENDPOINT,
+            {"model": "p", "messages": [{"role": "user", "content": f"q{i}"}]},
+            ref=f"batch_x:{i + 1}",
+        )
+        for i in range(60)
+    ]
+    ok = [a for a in answers if a.status == 200]
+    refused = [a for a in answers if a.status != 200]
+    assert ok and refused and answers[: len(ok)] == ok  # exactly the first k answered
+    assert {a.body["error"]["code"] for a in refused} == {"privacy_budget_exceeded"}
+    assert all(a.body["choices"][0]["message"]["content"] in LABELS for a in ok)
+    charges = len(store.ledger_rows(tid))
+    assert charges == len(ok)
+    again = answer_line(
+        context,
+        key,
+        CHAT_ENDPOINT,
+        {"model": "p", "messages": [{"role": "user", "content": "q0"}]},
+        ref="batch_x:1",
+    )
+    assert again == answers[0] and len(store.ledger_rows(tid)) == charges
