@@ -282,7 +282,8 @@ def test_api_plan_job_and_serving_prompt_use_the_declaration(tmp_path: Path) -> 
         assert r.status_code == 400 and r.json()["error"]["message"], r.text
     assert job.status_code == 200 and job.json()["plan"]["label_words"] == WORDS
     assert served.status_code == 200, served.text
-    served_rows = [row for batch in engine.started for row in batch]
+    # serving rows: continuous batching starts them with start_serving (recorded apart)
+    served_rows = [row for batch in engine.started + engine.serving_started for row in batch]
     assert any(_has(row, engine.tokenize(DESC + ".")) for row in served_rows)
     assert any(_has(row, engine.tokenize("Answer: positive")) for row in served_rows)
     store.close()
