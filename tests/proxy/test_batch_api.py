@@ -28,13 +28,13 @@ from tests.proxy.fake_server import MODEL
 CHUNK = 4
 
 
-def _server(tmp: Path, db: str, name: str, **env: str) -> Server:
+def _server(tmp: Path, db: str, name: str, serving: str = "auto", **env: str) -> Server:
     return Server(
         db=db,
         log_path=tmp / f"{name}.log",
         engine="fake-chat",
         entry="tests.proxy.fake_server",
-        extra_args=("--batch-chunk-lines", str(CHUNK)),
+        extra_args=("--batch-chunk-lines", str(CHUNK), "--serving", serving),
         env=env,
     )
 
@@ -377,8 +377,15 @@ def _held(tmp: Path, name: str, after: int) -> tuple[Server, Path, str, str]:
     key = create_tenant(db, "held", 8.0)
     hold = tmp / f"{name}.hold"
     hold.touch()
+    # the hold counts engine batch starts: the step loop's Lockstep starts one per chunk
+    # (continuous batching's serving batches are covered in tests/proxy/test_batch_runner.py)
     srv = _server(
-        tmp, db, name, DPICL_FAKE_HOLD_FILE=str(hold), DPICL_FAKE_HOLD_AFTER=str(after)
+        tmp,
+        db,
+        name,
+        "step-loop",
+        DPICL_FAKE_HOLD_FILE=str(hold),
+        DPICL_FAKE_HOLD_AFTER=str(after),
     ).start()
     return srv, hold, db, key
 
