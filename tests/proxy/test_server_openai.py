@@ -81,8 +81,9 @@ def wait_job(server: dict[str, Any], who: str, job_id: str, timeout: float = 300
     raise AssertionError("job did not finish")
 
 
+SMALL_EPSILON = 4.0
 SMALL_JOB = {
-    "epsilon": 4.0,
+    "epsilon": SMALL_EPSILON,
     "shots": 1,
     "max_tokens": 6,
     "prompts": 4,
@@ -207,7 +208,7 @@ def test_budget_fields(server: dict[str, Any], demo_set: dict) -> None:
     assert 0 < b["epsilon_spent_pld"] <= b["epsilon_spent"] + 1e-9
     # the job's achieved ε (calibrated never above its declared 4.0) is in the naive sum
     achieved = demo_set["job"]["epsilon"]
-    assert 0 < achieved <= SMALL_JOB["epsilon"] + 1e-9
+    assert 0 < achieved <= SMALL_EPSILON + 1e-9
     assert b["epsilon_spent_naive"] >= achieved - 1e-9
 
 
@@ -356,7 +357,7 @@ def test_idempotency_key(server: dict[str, Any], demo_set: dict) -> None:
         spent1 = c.get("/v1/private/budget").json()["epsilon_spent_naive"]
     # charged once: the naive sum grew by the job's achieved ε (≤ the declared 4.0)
     assert spent1 == pytest.approx(spent0 + r1.json()["epsilon"], rel=1e-6)
-    assert r1.json()["epsilon"] <= SMALL_JOB["epsilon"] + 1e-9
+    assert r1.json()["epsilon"] <= SMALL_EPSILON + 1e-9
     wait_job(server, "a", r1.json()["id"])
 
 
