@@ -278,7 +278,12 @@ PARAMS: tuple[PlanParam, ...] = (
         str,
         "exponential",
         choices=_mechanism_names,
-        cli=CliSpec(("--mechanism",), "Gaussian noisy argmax or the exponential mechanism"),
+        cli=CliSpec(
+            ("--mechanism",),
+            "how the private rows' distributions become one token (docs/ARCHITECTURE.md §5): "
+            "Gaussian noisy argmax, the exponential mechanism, or clipped log-probability "
+            "differences with top-k+",
+        ),
         api=ApiSpec({"default": "exponential"}),
     ),
     PlanParam(

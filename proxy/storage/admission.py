@@ -184,6 +184,13 @@ def _check_references(tx: Transaction, req: JobRequest) -> dict[str, Any] | None
     ):
         raise ValueError("a job with this name already exists")
     if (
+        req.name is not None
+        and tx.execute(
+            "SELECT id FROM predictors WHERE tenant_id = ? AND name = ?", (tid, req.name)
+        ).one()
+    ):  # a predictor's name is a model id too: a set under it would be shadowed
+        raise ValueError("a predictor with this name already exists")
+    if (
         req.dataset_id is not None
         and not tx.execute(
             "SELECT id FROM datasets WHERE id = ? AND tenant_id = ?", (req.dataset_id, tid)

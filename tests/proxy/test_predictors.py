@@ -319,3 +319,25 @@ def test_batch_lines_to_a_predictor_are_charged_queries(env: dict[str, Any]) -> 
         ref="batch_x:1",
     )
     assert again == answers[0] and len(store.ledger_rows(tid)) == charges
+
+
+def test_a_demonstration_set_cannot_take_a_predictors_name(env: dict[str, Any]) -> None:
+    """Both are model ids of the tenant: a set under a predictor's name would be shadowed, so
+    admission refuses it (409, nothing charged)."""
+    p = _predictor(env, _rows(20))
+    store, tid = env["store"], env["tenant"].id
+    r = env["c"].post(
+        "/v1/private/demonstrations",
+        json={
+            "dataset": p["dataset"],
+            "name": "p",
+            "epsilon": 1.0,
+            "labels": LABELS,
+            "shots": 1,
+            "max_tokens": 4,
+            "prompts": 4,
+        },
+        headers=_h(env["admin"]),
+    )
+    assert r.status_code == 409 and r.json()["error"]["code"] == "conflict", r.text
+    assert store.ledger_rows(tid) == []
