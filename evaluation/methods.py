@@ -48,6 +48,8 @@ METHODS: dict[str, str] = {
     f"θ = {GATE_THRESHOLD}, public prior λ = 1)",
     "gate-long": f"DP, public-token gate at the paper's T (M = {WIDE_M}, c = {GATE_CUTOFF}, "
     f"θ = {GATE_THRESHOLD}, λ = 1; T costs no ε under the gate)",
+    "clipped": f"DP, clipped log-probability differences with top-k+ (M = {WIDE_M}, C = 1, "
+    "public top-50+, no prior)",
     "preset": "DP at the plan's defaults, the preset task's prompts",
     "generic": "DP at the plan's defaults, generic prompts without a description",
     "described": "DP at the plan's defaults, generic prompts with a declared description "
@@ -55,16 +57,25 @@ METHODS: dict[str, str] = {
 }
 DECLARED_METHODS = ("preset", "generic", "described")
 """The generic path's rows (:mod:`evaluation.declared`): opt-in, with an on-topic rate."""
-DP_METHODS = ("paper", "best", "blend", "wide", "gate", "gate-long", *DECLARED_METHODS)
+DP_METHODS = (
+    "paper",
+    "best",
+    "blend",
+    "wide",
+    "gate",
+    "gate-long",
+    "clipped",
+    *DECLARED_METHODS,
+)
 GATED = ("gate", "gate-long")
 PAPER_T = ("public-long", "gate-long")
 """Rows whose demonstration length is the paper's T for the task (DBPedia and AGNews: 100
 tokens) instead of the budget rows' T. Declared from the paper, not searched: under the gate
 T costs no ε, and the model-written baseline is reported at the same T for a matched
 comparison."""
-DEFAULT_METHODS = [m for m in METHODS if m not in ("wide", *GATED, *DECLARED_METHODS)]
-"""``all`` minus ``wide`` and the gated rows (M = 128 prompts per demonstration: minutes per
-cell on CPU) and the generic path's rows."""
+DEFAULT_METHODS = [m for m in METHODS if m not in ("wide", "clipped", *GATED, *DECLARED_METHODS)]
+"""``all`` minus ``wide``, ``clipped`` and the gated rows (M = 128 prompts per demonstration:
+minutes per cell on CPU) and the generic path's rows."""
 BASELINES = ("zero-shot", "zero-shot-chat", "real", "public", "public-long")
 NO_INF_ROW = ("blend", "gate")
 """DP rows with no ε = ∞ cell: at ε = ∞ the exponential mechanism is the argmax and ignores the

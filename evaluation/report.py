@@ -140,6 +140,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ("wide", "-.^"),
             ("gate", "--v"),
             ("gate-long", "-v"),
+            ("clipped", ":x"),
         ):
             pts = [(x, by_method.get(m, {}).get(e)) for x, e in zip(xs, eps_cols, strict=True)]
             pts = [(x, ent[metric]) for x, ent in pts if ent and metric in ent]

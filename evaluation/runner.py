@@ -165,13 +165,13 @@ def dp_settings(cfg: EvalConfig, spec: EvalTask, method: str) -> dict[str, Any]:
     """Declared generation parameters of a DP row (and of the ε = 0 row's length T)."""
     if method in DECLARED_METHODS:
         return declared_settings(cfg.override)
-    if method in ("best", "blend", "wide", *GATED):
+    if method in ("best", "blend", "wide", "clipped", *GATED):
         s = spec.best
-        if method in ("wide", *GATED):
+        if method in ("wide", "clipped", *GATED):
             s = Settings(WIDE_M, 2, spec.paper.T if method in PAPER_T else spec.best.T)
         out: dict[str, Any] = {
             "regime": "fixed",
-            "mechanism": "exponential",
+            "mechanism": "clipped" if method == "clipped" else "exponential",
             "candidates": "public-topk",
             "top_k": 50,
         }

@@ -51,6 +51,29 @@ def test_paper_t_rows_are_matched_and_cost_no_extra_epsilon(tmp_path: Path) -> N
     assert (a.epsilon0, a.to_dict()["epsilon"]) == (b.epsilon0, b.to_dict()["epsilon"])
 
 
+def test_clipped_row_is_the_declared_tenth_run(tmp_path: Path) -> None:
+    """The issue-18 row as declared in docs/results.md: fixed regime, M = 128 prompts of
+    N = 2, the budget rows' T, public top-50 (widened to top-k+ by the mechanism), no prior;
+    not in the default method list (M = 128 is minutes per cell on CPU)."""
+    from evaluation.methods import DEFAULT_METHODS, WIDE_M
+    from evaluation.tasks import EVAL_TASKS
+
+    spec = EVAL_TASKS["dbpedia"]
+    cfg = EvalConfig(["dbpedia"], tmp_path, [4.0], 1, 10, [4], tmp_path, methods=list(METHODS))
+    st = dp_settings(cfg, spec, "clipped")
+    assert (st["regime"], st["mechanism"], st["candidates"], st["top_k"]) == (
+        "fixed",
+        "clipped",
+        "public-topk",
+        50,
+    )
+    assert (st["M"], st["N"], st["T"]) == (WIDE_M, 2, spec.best.T)
+    assert "public_prior" not in st and "clipped" not in DEFAULT_METHODS
+    plan = build_plan(get_task("dbpedia"), spec, st, 4.0, 4)
+    assert plan.mechanism == "clipped" and plan.public_prior == 0.0
+    assert plan.to_dict()["epsilon"] <= 4.0 + 1e-9
+
+
 @pytest.mark.model
 def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:
     cfg = EvalConfig(
@@ -71,9 +94,10 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:
     for name in ("results.json", "results.md", "accuracy_vs_epsilon.png", "cache.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     doc = json.loads((out / "results.json").read_text())
-    # 2 zero-shot + real + public + public-long + paper, best, wide, gate-long × 2 ε + blend,
-    # gate × 1 ε (no ε = ∞ cell: 'blend' would repeat 'best'; 'gate-long' has the gate's one)
-    assert len(doc["cells"]) == 15
+    # 2 zero-shot + real + public + public-long + paper, best, wide, gate-long, clipped × 2 ε
+    # + blend, gate × 1 ε (no ε = ∞ cell: 'blend' would repeat 'best'; 'gate-long' has the
+    # gate's one)
+    assert len(doc["cells"]) == 17
     summ = doc["summary"]["trec"]
     assert set(summ["4"]) == {
         "real",
@@ -85,8 +109,10 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:
         "wide",
         "gate",
         "gate-long",
+        "clipped",
     }
     assert set(summ["4"]["gate"]) == {"1"} and set(summ["4"]["blend"]) == {"1"}
+    assert set(summ["4"]["clipped"]) == {"1", "inf"}
     assert set(summ["4"]["gate-long"]) == {"1", "inf"}
     assert set(summ["4"]["paper"]) == {"1", "inf"} and set(summ["0"]) == {
         "zero-shot",
@@ -103,11 +129,11 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:
             assert r["epsilon_achieved"] <= 1.0
     gate = next(c["cell"] for c in doc["cells"] if c["cell"]["method"] == "gate")
     assert gate["settings"]["gate_cutoff"] == 5 and gate["settings"]["M"] == 2
-    # table: one row per method (11), one column per ε plus the method and "no DP" columns
+    # table: one row per method (12), one column per ε plus the method and "no DP" columns
     md = (out / "results.md").read_text()
     table = md.split("## trec, 4 demonstrations, calibrated")[1].split("\n\n")[2]
     rows = [line for line in table.splitlines() if line.startswith("|")][2:]
-    assert len(rows) == 11 and all(line.count("|") == 5 for line in rows)
+    assert len(rows) == 12 and all(line.count("|") == 5 for line in rows)
     # resumable: nothing is recomputed
     again = run_eval(cfg, engine_factory=lambda: engine)
     assert again["cells_computed_this_sitting"] == 0
