@@ -25,8 +25,7 @@ from proxy.responses import until_disconnect
 from proxy.routes.predictors import (
     find_predictor,
     model_cards,
-    predicted_chat,
-    predicted_completion,
+    predicted,
 )
 from proxy.schemas import ChatCompletionRequest, CompletionRequest
 from proxy.serving import AsyncBackend
@@ -125,13 +124,7 @@ async def _answer(
     check_limits(context, body)
     predictor = await run_in_threadpool(find_predictor, context, key, body.model)
     if predictor is not None:
-        if isinstance(body, ChatCompletionRequest):
-            return await run_in_threadpool(
-                predicted_chat, context, key, predictor, body, idempotency_key
-            )
-        return await run_in_threadpool(
-            predicted_completion, context, key, predictor, body, idempotency_key
-        )
+        return await run_in_threadpool(predicted, context, key, predictor, body, idempotency_key)
     prepared = await run_in_threadpool(prepare, context, key, body)
     return await _respond(request, context, key, prepared)
 

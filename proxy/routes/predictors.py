@@ -44,6 +44,7 @@ __all__ = [
     "answer_query",
     "find_predictor",
     "model_cards",
+    "predicted",
     "predicted_chat",
     "predicted_completion",
     "router",
@@ -331,6 +332,20 @@ def predicted_completion(
     }
 
 
+def predicted(
+    context: AppContext,
+    key: ApiKey,
+    predictor: Predictor,
+    request: ChatCompletionRequest | CompletionRequest,
+    idempotency_key: str | None,
+) -> dict[str, Any]:
+    """The answer to a chat or completion request addressed to ``predictor`` (one charged
+    query): the online routes and the Batch API's hook both answer through this."""
+    if isinstance(request, ChatCompletionRequest):
+        return predicted_chat(context, key, predictor, request, idempotency_key)
+    return predicted_completion(context, key, predictor, request, idempotency_key)
+
+
 def batch_line_answer(
     context: AppContext, key: ApiKey, endpoint: str, body: dict[str, Any], ref: str | None
 ) -> Answer | None:
@@ -348,10 +363,7 @@ def batch_line_answer(
     try:
         request = parse_line(endpoint, body)
         check_limits(context, request)
-        if isinstance(request, ChatCompletionRequest):
-            answer = predicted_chat(context, key, predictor, request, idempotency_key)
-        else:
-            answer = predicted_completion(context, key, predictor, request, idempotency_key)
+        answer = predicted(context, key, predictor, request, idempotency_key)
     except APIError as exc:
         return Answer.error(exc)
     return Answer(200, answer)
