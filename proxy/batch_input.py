@@ -17,8 +17,10 @@ fields, never the line's content.
 the online route's JSON response is (:func:`dumps`, Starlette's ``JSONResponse`` settings),
 so its bytes inside the line are the bytes the online route would send.
 
-The limits (:data:`MAX_FILE_BYTES`, :data:`MAX_LINE_BYTES`, :data:`MAX_BATCH_LINES`) move to
-proxy/limits.py, with the server's other size limits, when that module lands.
+An upload's size, line length and encoding are checked by the server's one set of limits
+(:class:`proxy.limits.Limits`: ``max_upload_bytes``, ``max_upload_line_bytes``, the same as a
+dataset upload and the same ``dpicl serve --max-upload-…`` flags); this module adds only what
+is particular to batch files (no NUL byte, :data:`MAX_BATCH_LINES`).
 """
 
 from __future__ import annotations
@@ -30,12 +32,11 @@ from typing import Any
 
 from proxy.answering import ENDPOINTS, Answer
 from proxy.errors import APIError
+from proxy.limits import DEFAULT_LIMITS, Limits
 from proxy.storage.batches import LineResult
 
 __all__ = [
     "MAX_BATCH_LINES",
-    "MAX_FILE_BYTES",
-    "MAX_LINE_BYTES",
     "MAX_LISTED_ERRORS",
     "InputLine",
     "batch_error",
@@ -46,10 +47,6 @@ __all__ = [
     "parse_input",
 ]
 
-MAX_FILE_BYTES = 64 * 1024 * 1024
-"""The largest upload (413 above it); the same bound as a dataset upload."""
-MAX_LINE_BYTES = 1024 * 1024
-"""The longest line of an upload (400 above it, naming the line)."""
 MAX_BATCH_LINES = 50_000
 """The most requests in one batch (OpenAI's bound)."""
 MAX_LISTED_ERRORS = 100
@@ -71,25 +68,12 @@ def dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
-def check_upload(data: bytes) -> None:
-    """An upload's bytes are storable: at most :data:`MAX_FILE_BYTES` (413), UTF-8 without
-    NUL (400), no line over :data:`MAX_LINE_BYTES` (400, naming the first such line)."""
-    if len(data) > MAX_FILE_BYTES:
-        raise APIError(413, f"The file is larger than {MAX_FILE_BYTES} bytes.", param="file")
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise APIError(400, "The file must be UTF-8 JSONL.", param="file") from None
+def check_upload(data: bytes, limits: Limits = DEFAULT_LIMITS) -> None:
+    """An upload's bytes are storable: within ``limits``' size (413) and line length (400,
+    naming the first long line), UTF-8 (400) and without a NUL byte (400)."""
+    limits.upload_lines(data)
     if b"\x00" in data:
         raise APIError(400, "The file must be UTF-8 JSONL (it holds a NUL byte).", param="file")
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if len(raw) > MAX_LINE_BYTES:
-            raise APIError(
-                400,
-                f"Line {number} is longer than {MAX_LINE_BYTES} bytes.",
-                param="file",
-                code="line_too_long",
-            )
 
 
 def batch_error(

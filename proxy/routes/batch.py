@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from proxy.answering import ENDPOINTS
 from proxy.auth import require_key
-from proxy.batch_input import MAX_FILE_BYTES, check_upload
+from proxy.batch_input import check_upload
 from proxy.context import AppContext, get_context
 from proxy.errors import APIError, not_found
 from proxy.store import ApiKey, Batch, FileInUse, NotFound, StoredFile
@@ -102,8 +102,8 @@ async def upload_file(
 ) -> dict[str, Any]:
     if purpose != "batch":
         raise APIError(400, "purpose must be 'batch' (the only purpose served).", param="purpose")
-    raw = await file.read(MAX_FILE_BYTES + 1)
-    check_upload(raw)
+    raw = await file.read(context.limits.max_upload_bytes + 1)
+    check_upload(raw, context.limits)
     name = (file.filename or "").strip()[:256] or "upload.jsonl"
     stored = await run_in_threadpool(context.store.create_file, key.tenant_id, name, purpose, raw)
     return file_json(stored)

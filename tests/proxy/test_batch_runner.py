@@ -15,7 +15,6 @@ import pytest
 from proxy.answering import ENDPOINTS, Answer
 from proxy.backends import backend_for
 from proxy.batch_input import (
-    MAX_FILE_BYTES,
     InputLine,
     check_upload,
     output_line,
@@ -25,6 +24,7 @@ from proxy.batches import run_lines
 from proxy.classify import classify, done_ids, local_key, read_requests
 from proxy.context import AppContext
 from proxy.errors import APIError
+from proxy.limits import DEFAULT_LIMITS, Limits
 from proxy.lockstep import Lockstep, Stopped
 from proxy.metrics import Metrics
 from proxy.serving import SamplingParams, generate
@@ -185,11 +185,18 @@ def test_lines_are_recorded_exactly_once_postgresql(pg_schema: str) -> None:
 
 def test_upload_limits() -> None:
     with pytest.raises(APIError) as big:
-        check_upload(b"x" * (MAX_FILE_BYTES + 1))
+        check_upload(b"x" * (DEFAULT_LIMITS.max_upload_bytes + 1))
     assert big.value.status == 413
     with pytest.raises(APIError) as nul:
         check_upload(b'{"a": 1}\x00')
     assert nul.value.status == 400
+    small = Limits(max_upload_bytes=100, max_upload_line_bytes=10)  # `dpicl serve --max-upload-…`
+    with pytest.raises(APIError) as configured:
+        check_upload(b"x" * 101, small)
+    assert configured.value.status == 413
+    with pytest.raises(APIError) as long_line:
+        check_upload(b'{"a": 1}\n' + b"y" * 11, small)
+    assert long_line.value.code == "line_too_long" and "Line 2" in long_line.value.message
     lines, errors = parse_input(b"\n\n", "/v1/chat/completions")
     assert lines == [] and errors[0]["code"] == "empty_file"
 

@@ -199,6 +199,14 @@ def oversized_uploads(server: dict[str, Any]) -> None:
         )
         refused(r, 400, "line_too_long", "file")
         assert "Line 2" in r.json()["error"]["message"]
+        # the Batch API's /v1/files is bound by the same limits (proxy/batch_input.py)
+        r = c.post(
+            "/v1/files",
+            data={"purpose": "batch"},
+            files={"file": ("b.jsonl", (ok_line + "\n" + line).encode())},
+        )
+        refused(r, 400, "line_too_long", "file")
+        assert "Line 2" in r.json()["error"]["message"]
         big = (ok_line + "\n").encode() * ((limits.max_upload_bytes + MB) // (len(ok_line) + 1))
         r = c.post("/v1/private/datasets", data={"name": "big"}, files={"file": ("d.jsonl", big)})
         refused(r, 413, "request_too_large", None)
