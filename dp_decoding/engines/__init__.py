@@ -2,7 +2,8 @@
 
 An engine is like an HTTP client's transport: :class:`Engine` is the one protocol every
 engine implements, optional abilities are separate protocols (:class:`ChatTemplating`,
-:class:`PublicBatches`, :class:`InEngineAggregation`, :class:`Describable`, :class:`Closable`,
+:class:`PublicBatches`, :class:`InEngineAggregation`, :class:`InEnginePublicRows`,
+:class:`Describable`, :class:`Closable`,
 :class:`Locking`, :class:`ContextLimited`, :class:`ContinuousBatching`) checked with
 ``isinstance``, and
 :class:`~dp_decoding.engines.fake.FakeEngine` is shipped for tests. Adding an engine is one
@@ -24,6 +25,7 @@ from dp_decoding.engines.base import (
     Describable,
     Engine,
     InEngineAggregation,
+    InEnginePublicRows,
     Locking,
     PublicBatches,
     ResizableBatch,
@@ -40,6 +42,7 @@ __all__ = [
     "Engine",
     "EngineFactory",
     "InEngineAggregation",
+    "InEnginePublicRows",
     "Locking",
     "PublicBatches",
     "ResizableBatch",

@@ -10,8 +10,10 @@ Invariants every implementation keeps:
   for the next token of every live row, from one engine call for the whole batch.
 - ``Batch.append`` extends every row by exactly one token and reuses the rows' cached state
   (a step costs one batched decode, not a re-prefill).
-- Separate ``start`` calls are separate engine calls: a public prompt is never batched together
-  with private prompts (kernels are not batch-invariant, docs/ARCHITECTURE.md §7).
+- Separate ``start`` calls are separate engine calls: in the step loop a public prompt is never
+  batched together with private prompts (kernels are not batch-invariant; a shared batch would
+  pad it to the private width, docs/ARCHITECTURE.md §7). Design 2 with public rows
+  (:class:`InEnginePublicRows`) is the exception, argued in §7.
 
 Beyond :class:`Engine` (what every engine has), each optional ability is its own small
 runtime-checkable protocol, tested with ``isinstance`` (never ``getattr``):
@@ -119,6 +121,31 @@ class InEngineAggregation(Protocol):
         is_stop: Callable[[int], bool],
         max_tokens: int,
         width: int | None = None,
+    ) -> Sequence[AggregatedGroup]: ...
+
+
+@runtime_checkable
+class InEnginePublicRows(Protocol):
+    """Design 2 with a public row per group (``supports_public_rows``): ``publics`` holds each
+    group's data-free public prompt, run as one more row of the group, and ``step`` (a
+    :class:`~dp_decoding.engines.vllm_aggregate.PublicStep`) makes each position's one
+    decision from the public row and the private rows, as the step loop does. So public top-k
+    and top-k+ candidates, the public prior, the gate and the clipped mechanism run inside the
+    engine too."""
+
+    supports_public_rows: bool
+
+    def generate_aggregated(
+        self,
+        groups: Sequence[Sequence[Sequence[int]]],
+        choose: Callable[[np.ndarray], int],
+        *,
+        candidates: Sequence[int] | np.ndarray | None,
+        is_stop: Callable[[int], bool],
+        max_tokens: int,
+        width: int | None = None,
+        publics: Sequence[Sequence[int]] | None = None,
+        step: Any = None,
     ) -> Sequence[AggregatedGroup]: ...
 
 

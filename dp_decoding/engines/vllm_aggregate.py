@@ -25,6 +25,15 @@ Invariants (each tested in ``tests/engines/test_aggregate_routing.py`` and
   still selected once;
 - **only the chosen token leaves.** The processor forces the token in the logits and keeps the
   token id; scores, per-row distributions and noise never leave :meth:`AggregationJob.decide`;
+- **the public row is data-free and never summed.** When the plan reads the public prompt
+  (public top-k or top-k+ candidates, the public prior, the gate, the clipped mechanism), each
+  group carries it as one more member, the last (a *public row*: the data-free public prompt
+  plus the released tokens, unpadded, with its own cache salt, exactly the row the step loop
+  runs in its own batch). Its logits choose the candidates and feed the decision policy
+  (:class:`PublicStep`); they are never part of the private rows' sum. A group is in lockstep
+  only when its public row is at the position too. Batching it with the private rows changes
+  no row's distribution: vLLM rows share no padding, attention or cache blocks (fresh salt per
+  row), as for the private rows among themselves;
 - **sensitivity as in design 1.** Each row's distribution is renormalised over the candidate
   set before summing (:func:`aggregate_torch` = :func:`dp_decoding.mechanisms.aggregate`), so
   one unit, which sits in one row, moves the sum by at most one probability vector.
@@ -40,7 +49,7 @@ import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -48,6 +57,23 @@ AGG_KEY = "dpicl_aggregate"
 
 Chooser = Callable[[np.ndarray], int]
 """``scores -> candidate index``: exactly one noisy draw of the DP mechanism."""
+
+
+class PublicStep(Protocol):
+    """The decision of one (group, position) when each group carries a public row: the step
+    loop's own two steps (:class:`~dp_decoding.generation.generator.DemoGenerator`), so design 2
+    decides exactly as design 1 does. ``group`` is the index into ``generate_aggregated``'s
+    ``groups``; ``pub`` is the public row's full-vocabulary log-probabilities."""
+
+    def candidates(self, group: int, pub: np.ndarray) -> np.ndarray | None:
+        """Candidate token ids from the public row alone (None: the whole vocabulary)."""
+        ...
+
+    def decide(self, group: int, lp: np.ndarray, cand: np.ndarray | None, pub: np.ndarray) -> int:
+        """The token (an id, not an index) of the position: one decision of the plan's policy
+        from the M private rows' log-probabilities ``lp`` (full-vocabulary normalised,
+        restricted to ``cand``'s columns)."""
+        ...
 
 
 def aggregate_torch(lp: Any) -> Any:
@@ -74,6 +100,8 @@ class GroupState:
     """One generation: its released tokens and whether lockstep broke."""
 
     size: int
+    index: int = 0
+    """The group's index in ``generate_aggregated``'s ``groups`` (handed to a PublicStep)."""
     chosen: list[int] = field(default_factory=list)
     stopped: bool = False
     broken_at: int | None = None
@@ -91,6 +119,8 @@ class AggregationJob:
     is_stop: Callable[[int], bool]
     eos: int
     max_tokens: int
+    public_step: PublicStep | None = None
+    """Set when every group's last member is its public row (see :class:`PublicStep`)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     _cand_tensor: Any = None
 
@@ -108,16 +138,34 @@ class AggregationJob:
         ``logits`` (all at that position); returns the token to force."""
         g = self.groups[group]
         assert g.broken_at is None and not g.stopped
-        cand = self.candidate_tensor(logits.device)
-        x = logits if cand is None else logits.index_select(1, cand)
-        scores = aggregate_torch(x).cpu().numpy()
-        idx = int(self.choose(scores))
+        if self.public_step is not None:
+            token = self._decide_with_public(g, logits)
+        else:
+            cand = self.candidate_tensor(logits.device)
+            x = logits if cand is None else logits.index_select(1, cand)
+            scores = aggregate_torch(x).cpu().numpy()
+            idx = int(self.choose(scores))
+            token = idx if self.candidates is None else int(self.candidates[idx])
         g.draws += 1
-        token = idx if self.candidates is None else int(self.candidates[idx])
         g.chosen.append(token)
         if self.is_stop(token):
             g.stopped = True
         return token
+
+    def _decide_with_public(self, g: GroupState, logits: Any) -> int:
+        """The step loop's decision from ``logits`` = the group's M private rows then its
+        public row: candidates from the public row only, then the policy's one decision on
+        the private rows' full-vocabulary log-probabilities of those candidates."""
+        import torch
+
+        step = self.public_step
+        assert step is not None and logits.shape[0] == g.size
+        pub = torch.log_softmax(logits[-1].float(), dim=-1).cpu().numpy()
+        cand = step.candidates(g.index, pub)
+        lp = torch.log_softmax(logits[:-1].float(), dim=-1)
+        if cand is not None:
+            lp = lp.index_select(1, torch.as_tensor(cand, dtype=torch.long, device=lp.device))
+        return int(step.decide(g.index, lp.cpu().numpy(), cand, pub))
 
     def forced(self, group: int, position: int) -> int:
         """The token a row of ``group`` at a decided ``position`` must carry (a replay), or

@@ -58,6 +58,7 @@ from dp_decoding.engines.vllm_aggregate import (
     Chooser,
     GroupResult,
     GroupState,
+    PublicStep,
     _processor_class,
     expected_output,
     new_job_tag,
@@ -205,6 +206,7 @@ class VLLMEngine(HFTokenizerMixin):
 
     # -- design 2 ----------------------------------------------------------------------------
     supports_in_engine_aggregation = True
+    supports_public_rows = True
 
     def generate_aggregated(
         self,
@@ -216,6 +218,8 @@ class VLLMEngine(HFTokenizerMixin):
         max_tokens: int,
         prefixes: Sequence[Sequence[int]] | None = None,
         width: int | None = None,
+        publics: Sequence[Sequence[int]] | None = None,
+        step: PublicStep | None = None,
     ) -> list[GroupResult]:
         """Generate each group's demonstration inside the engine (design 2).
 
@@ -227,7 +231,16 @@ class VLLMEngine(HFTokenizerMixin):
         depend on the declared width only. Returns per
         group the tokens chosen by this call; a group whose rows were not scheduled in lockstep
         comes back with ``broken_at`` set and must be continued by the step loop.
+
+        ``publics`` (with ``step``) gives each group its data-free public prompt: it runs as
+        the group's last row (unpadded, plus the prefix), and ``step`` decides each position
+        from the public row and the private rows exactly as the step loop does (``choose`` and
+        ``candidates`` are then unused). See :mod:`~dp_decoding.engines.vllm_aggregate`.
         """
+        if (publics is None) != (step is None):
+            raise ValueError("publics and step go together")
+        if publics is not None and len(publics) != len(groups):
+            raise ValueError("one public prompt per group")
         cand = None if candidates is None else np.asarray(candidates, dtype=np.int64)
         eos = min(self.eos_token_ids)
         prefixes = prefixes or [[] for _ in groups]
@@ -235,17 +248,19 @@ class VLLMEngine(HFTokenizerMixin):
         out: list[GroupResult | None] = [None] * len(groups)
         full = [
             [left_pad(p, width, self.pad_token_id) + list(prefixes[gi]) for p in g]
+            + ([] if publics is None else [list(publics[gi]) + list(prefixes[gi])])
             for gi, g in enumerate(groups)
         ]
         for wave in plan_waves(full, rows_cap, toks_cap):
             budget = [max_tokens - len(prefixes[gi]) for gi in wave]
             job = AggregationJob(
-                groups=[GroupState(size=len(full[gi])) for gi in wave],
+                groups=[GroupState(size=len(full[gi]), index=gi) for gi in wave],
                 choose=choose,
                 candidates=cand,
                 is_stop=is_stop,
                 eos=eos,
                 max_tokens=max_tokens,
+                public_step=step,
             )
             tag = new_job_tag()
             prompts, params = [], []

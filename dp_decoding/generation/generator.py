@@ -29,7 +29,13 @@ from typing import Protocol
 
 import numpy as np
 
-from dp_decoding.engines.base import Batch, Engine, InEngineAggregation, PublicBatches
+from dp_decoding.engines.base import (
+    Batch,
+    Engine,
+    InEngineAggregation,
+    InEnginePublicRows,
+    PublicBatches,
+)
 from dp_decoding.generation.decisions import Decision, GateDecision, Selection
 from dp_decoding.generation.estimate import MAX_ROWS
 from dp_decoding.generation.fixed import FixedStrategy
@@ -145,22 +151,29 @@ class DemoGenerator:
         ValueError when ``in_engine=True`` asks for what the engine or the plan cannot do."""
         return isinstance(self.strategy(), InEngineStrategy)
 
+    def needs_public_row(self) -> bool:
+        """Whether each step reads the public prompt (public top-k or top-k+ candidates, the
+        clipped mechanism's public row; the prior and the gate come with public top-k)."""
+        return self.plan.candidates == "public-topk" or self.row_mechanism is not None
+
     def _use_in_engine(self) -> bool:
-        """Design 2 (aggregation inside the engine) when the engine offers it and the
-        candidates need no public engine call per step (public top-k does: step loop)."""
+        """Design 2 (aggregation inside the engine) when the engine offers it, and, when the
+        plan reads the public prompt, carries a public row per group (vLLM does)."""
         engine = self.engine
         able = isinstance(engine, InEngineAggregation) and engine.supports_in_engine_aggregation
         if self.in_engine and not able:
             raise ValueError("this engine has no in-engine aggregation (use the vllm engine)")
-        public = self.plan.candidates == "public-topk" or self.row_mechanism is not None
-        if self.in_engine and public:
+        public_ok = not self.needs_public_row() or (
+            isinstance(engine, InEnginePublicRows) and engine.supports_public_rows
+        )
+        if self.in_engine and not public_ok:
             raise ValueError(
-                "in-engine aggregation needs candidates 'all' or a declared list, and a "
-                "mechanism that reads no public row"
+                "this engine's in-engine aggregation has no public row: use candidates 'all' "
+                "or a declared list, and a mechanism that reads no public row"
             )
         if self.in_engine is False:
             return False
-        return able and not public
+        return able and public_ok
 
     # -- prompts ---------------------------------------------------------------------------
     def _prompt_ids(self, label: str, members: Sequence[Record]) -> list[int]:
