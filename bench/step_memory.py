@@ -18,7 +18,7 @@ from pathlib import Path
 
 from step_common import REPO, log
 
-__all__ = ["MemoryRun", "dpicl_command", "run_memory"]
+__all__ = ["MemoryRun", "Usage", "dpicl_command", "peak_rss", "run_memory"]
 
 # A tiny stdlib-only helper starts `dpicl generate` and reports RUSAGE_CHILDREN: the bench
 # process itself is large (model loaded), and Linux charges a forked child's pre-exec RSS to its
@@ -27,7 +27,8 @@ _RSS_HELPER = (
     "import resource, subprocess, sys\n"
     "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
     "sys.stderr.write(p.stderr[-2000:])\n"
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, p.returncode)\n"
+    "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print(r.ru_maxrss, r.ru_utime, r.ru_stime, p.returncode)\n"
 )
 
 
@@ -47,6 +48,39 @@ class MemoryRun:
     demos: int
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What the helper reports of its one child: peak RSS, CPU seconds, exit code; and wall."""
+
+    kib: int
+    user: float
+    system: float
+    returncode: int
+    wall: float
+
+
+def peak_rss(cmd: Sequence[str], cwd: Path, env: dict[str, str] | None = None) -> Usage:
+    """``cmd``'s peak RSS in KiB and CPU time (through the stdlib helper), exit code, wall."""
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", _RSS_HELPER, *cmd],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    wall = time.perf_counter() - t
+    try:
+        kib_s, user_s, sys_s, rc_s = proc.stdout.split()[-4:]
+        usage = Usage(int(kib_s), float(user_s), float(sys_s), int(rc_s), wall)
+    except ValueError:
+        usage = Usage(0, 0.0, 0.0, proc.returncode or 1, wall)
+    if usage.returncode != 0:
+        msg = proc.stderr.strip()[-500:]
+        log(f"memory: the measured command failed (rc={usage.returncode}): {msg}")
+    return usage
+
+
 def run_memory(data: Path, extra: Sequence[str]) -> MemoryRun:
     with tempfile.TemporaryDirectory() as tmp:
         out_json = Path(tmp) / "demos.json"
@@ -55,22 +89,8 @@ def run_memory(data: Path, extra: Sequence[str]) -> MemoryRun:
         cmd = [*dpicl_command(), *args, "--out", str(out_json)]
         shown = "dpicl " + " ".join(args) + " --out demos.json"
         log(f"memory: {shown}")
-        t = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-c", _RSS_HELPER, *cmd],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        )
-        wall = time.perf_counter() - t
-        try:
-            kib_s, rc_s = proc.stdout.split()[-2:]
-            kib, rc = int(kib_s), int(rc_s)
-        except ValueError:
-            kib, rc = 0, proc.returncode or 1
-        if rc != 0:
-            log(f"memory: dpicl generate failed (rc={rc}): {proc.stderr.strip()[-500:]}")
+        usage = peak_rss(cmd, REPO)
         demos = 0
         if out_json.is_file():
             demos = len(json.loads(out_json.read_text(encoding="utf-8"))["demonstrations"])
-    return MemoryRun(shown, kib / 1024**2, rc, wall, demos)
+    return MemoryRun(shown, usage.kib / 1024**2, usage.returncode, usage.wall, demos)

@@ -23,6 +23,7 @@ import numpy as np
 
 from dp_decoding.engines.base import ResizableBatch, check_prompts
 from dp_decoding.engines.dtype import default_dtype
+from dp_decoding.engines.heap import bound_heap_retention
 from dp_decoding.engines.hf_tokenizer import HFTokenizerMixin
 from dp_decoding.engines.model_files import MODEL_NAME, ensure_model_dir
 
@@ -38,6 +39,9 @@ class EmbeddedEngine(HFTokenizerMixin):
 
     Thread-safety: one lock serialises forward passes, so several batches may be interleaved
     by different threads (serving and a generation job) without corrupting each other.
+
+    Memory: loading the engine fixes glibc's mmap threshold for the whole process
+    (:mod:`dp_decoding.engines.heap`), so the prefill's freed activations are not kept resident.
     """
 
     def __init__(
@@ -46,6 +50,8 @@ class EmbeddedEngine(HFTokenizerMixin):
         dtype: str | None = None,
         threads: int | None = None,
     ) -> None:
+        # before the weights are loaded: freed tensors leave the process (dp_decoding.engines.heap)
+        self.heap_bounded = bound_heap_retention()
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -21,8 +21,9 @@ __all__ = ["Estimate", "MAX_ROWS", "count", "describe", "warm_up"]
 
 MAX_ROWS = 64
 """Private rows one engine call holds at most (a wave: ``max(1, MAX_ROWS // M)``
-demonstrations); the generator's default. 64 keeps the default 16-demonstration job under
-2 GiB resident (docs/benchmarks.md); the KV cache grows with rows × (width + T)."""
+demonstrations); the generator's default. With the embedded engine's heap bound
+(:mod:`dp_decoding.engines.heap`) the default 16-demonstration job peaks at 1.40 GiB resident
+(docs/benchmarks.md; 2.14 GiB without it); the KV cache grows with rows × (width + T)."""
 
 
 @dataclass(frozen=True)
