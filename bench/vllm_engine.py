@@ -33,7 +33,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from _sections import replace_section  # bench/ is sys.path[0] when a script runs
@@ -131,9 +131,11 @@ def run_dp_full(
     T: int,
     in_engine: bool = False,
     before: bool = False,
+    plan_kw: dict[str, Any] | None = None,
 ) -> tuple[float, Plan]:
     """``before``: the loop before the privacy hardening (rows not padded to the declared
-    width, numpy PCG64DXSM noise); otherwise as it runs now (padded, OS CSPRNG noise)."""
+    width, numpy PCG64DXSM noise); otherwise as it runs now (padded, OS CSPRNG noise).
+    ``plan_kw`` overrides the plan (default: candidates ``all``, the plan defaults otherwise)."""
     from dp_decoding.generate import DemoGenerator
     from dp_decoding.plan import make_plan
 
@@ -146,14 +148,8 @@ def run_dp_full(
                 g.prompts = [list(p) for p in prompts]
 
     M = len(prompts)
-    plan = make_plan(
-        labels=["World"],
-        epsilon=4.0,
-        max_tokens=T,
-        prompts=M,
-        task="agnews",
-        candidates="all",
-    )
+    kw: dict[str, Any] = {"candidates": "all", **(plan_kw or {})}
+    plan = make_plan(labels=["World"], epsilon=4.0, max_tokens=T, prompts=M, task="agnews", **kw)
     rng = np.random.Generator(np.random.PCG64DXSM()) if before else None
     gen = NoStop(engine, plan, task, rng=rng, in_engine=in_engine, pad_rows=not before)
     t0 = time.perf_counter()

@@ -346,14 +346,15 @@ def _print_hints(plan: Plan, records: list[Record]) -> None:
 
 
 def _load_engine(name: str, quiet: bool) -> Any:
-    """The engine; under ``quiet`` the transformers weight-loading bar is off."""
+    """The engine; under ``quiet`` the transformers weight-loading bar is off. A one-shot job
+    on the embedded engine bounds the heap (memory before CPU: docs/benchmarks.md, issue 15)."""
     from dp_decoding.engines import load_engine
 
     if quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    return load_engine(name)
+    return load_engine(name, bound_heap=True) if name == "embedded" else load_engine(name)
 
 
 def _progress_bar(plan: Plan, quiet: bool) -> tuple[Any, Callable[[Any], None]]:

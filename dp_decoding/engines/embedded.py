@@ -40,8 +40,10 @@ class EmbeddedEngine(HFTokenizerMixin):
     Thread-safety: one lock serialises forward passes, so several batches may be interleaved
     by different threads (serving and a generation job) without corrupting each other.
 
-    Memory: loading the engine fixes glibc's mmap threshold for the whole process
-    (:mod:`dp_decoding.engines.heap`), so the prefill's freed activations are not kept resident.
+    Memory: ``bound_heap=True`` (what ``dpicl generate`` asks for) fixes glibc's mmap threshold
+    for the whole process (:mod:`dp_decoding.engines.heap`), so the prefill's freed activations
+    are not kept resident; it costs system CPU time in page faults, so a server (throughput
+    first) leaves it off unless ``MALLOC_MMAP_THRESHOLD_`` is set by the operator.
     """
 
     def __init__(
@@ -49,9 +51,10 @@ class EmbeddedEngine(HFTokenizerMixin):
         model_dir: str | Path | None = None,
         dtype: str | None = None,
         threads: int | None = None,
+        bound_heap: bool = False,
     ) -> None:
         # before the weights are loaded: freed tensors leave the process (dp_decoding.engines.heap)
-        self.heap_bounded = bound_heap_retention()
+        self.heap_bounded = bound_heap_retention() if bound_heap else False
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -21,13 +21,11 @@ _JOB = r"""
 import hashlib, json, sys
 import numpy as np
 import dp_decoding.engines.embedded as embedded
-if sys.argv[1] == "default":
-    embedded.bound_heap_retention = lambda: False
 from dp_decoding.generate import DemoGenerator
 from dp_decoding.plan import make_plan
 from dp_decoding.records import load_jsonl
 
-engine = embedded.EmbeddedEngine(threads=1)
+engine = embedded.EmbeddedEngine(threads=1, bound_heap=sys.argv[1] == "bounded")
 plan = make_plan(
     labels=["World", "Sports"], task="generic", shots=2, prompts=4, max_tokens=6,
     description="A news article headline and summary.",
@@ -84,4 +82,7 @@ def test_the_bound_is_set_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
-    assert heap.bound_heap_retention() is True  # idempotent: the engine sets the same value
+    # in a child: the setting is process-wide, and this test session must keep glibc's default
+    code = "from dp_decoding.engines import heap; print(heap.bound_heap_retention())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-1000:]
