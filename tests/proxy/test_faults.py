@@ -348,6 +348,11 @@ def test_sqlite_full_disk_refuses_with_503_and_recovers(how: str, tmp_path: Path
                 budget = h.get("/v1/private/budget")  # reads still answer
                 assert budget.status_code == 200, budget.text
                 assert budget.json()["charges_total"] == 0
+                chat = h.post(
+                    "/v1/chat/completions",
+                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                )
+                assert chat.status_code == 200, chat.text
             assert charges(db) == [] and jobs(db) == {}  # nothing generated, nothing charged
             # space again: the same server admits (no restart), and the job runs
             ok = post_job(h, dataset, "full")
