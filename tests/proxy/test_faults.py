@@ -1,10 +1,10 @@
 """Fault injection against a real ``dpicl serve`` (the fake chat engine of
 tests/proxy/fake_server.py; real SQLite files and real PostgreSQL schemas).
 
-The server is SIGKILLed during an admission transaction, during a running demonstration job and
-during a stream, on SQLite and on PostgreSQL, and restarted; SQLite runs out of disk space under
-a running server (a quota on the process's file size, always; a full tmpfs where ``mount``
-works). After each fault the invariants are checked from the stored ledger, never from timing:
+The server is SIGKILLed during an admission transaction (a job, a private-prediction query),
+during a running demonstration job and during a stream, on SQLite and on PostgreSQL, and
+restarted; SQLite runs out of disk space under a running server (a quota on the process's file
+size, always; a full tmpfs where ``mount`` works). After each fault the invariants are checked from the stored ledger, never from timing:
 
 * every admission the client saw succeed has exactly one charge; one whose answer never
   arrived has none or one, never two; nothing else is charged;
@@ -186,6 +186,65 @@ def test_sigkill_during_admission_charges_nothing_twice(db_url: str, tmp_path: P
     finally:
         again.stop()
     assert charges(db_url) == [done.json()["id"], retry.json()["id"]]
+    verified(db_url)
+
+
+def test_sigkill_during_a_predictor_query_charges_it_at_most_once(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A private-prediction query is an admission too: killed inside its transaction it is not
+    charged; retried with its ``Idempotency-Key`` after the restart it is charged once."""
+    key = create_tenant(db_url, "t", 8.0)
+    hold = tmp_path / "query.hold"
+    srv = serve(tmp_path, db_url, "first", DPICL_FAKE_ADMISSION_HOLD_FILE=str(hold))
+    ask = {"model": "pred", "messages": [{"role": "user", "content": "item 3 about markets"}]}
+    lost: list[BaseException] = []
+    try:
+        with client(srv, key) as h:
+            dataset = upload(h)
+            r = h.post(
+                "/v1/private/predictors",
+                json={
+                    "dataset": dataset,
+                    "name": "pred",
+                    "labels": ["a", "b"],
+                    "prompts": 4,
+                    "examples_per_prompt": 2,
+                    "sampling_rate": 0.4,
+                    "epsilon": 1.0,
+                },
+            )
+            assert r.status_code == 200, r.text
+            hold.touch()
+
+            def in_flight() -> None:
+                try:
+                    with client(srv, key) as h2:
+                        h2.post("/v1/chat/completions", json=ask, headers={"Idempotency-Key": "q"})
+                except httpx.HTTPError as exc:
+                    lost.append(exc)
+
+            t = threading.Thread(target=in_flight)
+            t.start()
+            until(Path(str(hold) + ".reached").exists, "the query's admission transaction")
+    finally:
+        sigkill(srv)
+    t.join(timeout=60)
+    assert lost, "the killed query must not have been answered"
+    hold.unlink()
+    assert charges(db_url) == []
+    again = serve(tmp_path, db_url, "again")
+    try:
+        with client(again, key) as h:
+            answers = [
+                h.post("/v1/chat/completions", json=ask, headers={"Idempotency-Key": "q"})
+                for _ in range(2)
+            ]
+    finally:
+        again.stop()
+    assert [a.status_code for a in answers] == [200, 200], answers[0].text
+    assert answers[0].json()["choices"] == answers[1].json()["choices"]
+    assert len(charges(db_url)) == 1  # the retry after the restart, once
     verified(db_url)
 
 
