@@ -41,8 +41,11 @@ from pathlib import Path
 import httpx
 from _sections import replace_section  # bench/ is sys.path[0] when a script runs
 
-from devtools.machine import CpuWatch, cpu_model, read_loadavg
-from devtools.server import Server, create_tenant, dpicl
+# this checkout's devtools, hence its server (an installed dpicl's devtools would start the
+# installed checkout's code instead)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from devtools.machine import CpuWatch, cpu_model, read_loadavg  # noqa: E402
+from devtools.server import Server, create_tenant, dpicl  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 JOB = {"epsilon": 1.0, "shots": 1, "max_tokens": 4, "prompts": 4, "labels": ["a", "b"]}
