@@ -24,6 +24,9 @@ Invariants
   one is atomic); PostgreSQL a READ COMMITTED transaction in which the caller locks the rows
   it reads before writing (``SELECT ... FOR UPDATE``, see :data:`Database.for_update`).
 * Every driver error is raised as :class:`StorageError` (the app answers 503: fail closed).
+  A PostgreSQL connection found dead at ``BEGIN`` (the server restarted since its last use)
+  is replaced once, before any statement runs; a server that is down is a StorageError at
+  once (connection refused) or after ``connect_timeout`` (10 s unless the URL sets one).
   The message carries the error class and the driver's primary message only, never bound
   parameter values (so no stored text can leak through an error).
 * :meth:`Database.create_schema` (used by :mod:`proxy.storage.schema`, which versions the
@@ -170,7 +173,10 @@ class Database:
         import psycopg
         from psycopg.rows import dict_row
 
-        pg = psycopg.connect(self.parsed.target, autocommit=True, row_factory=dict_row)
+        target = self.parsed.target
+        if "connect_timeout" not in target:  # a stopped or unreachable server: fail in 10 s
+            target += ("&" if "?" in target else "?") + "connect_timeout=10"
+        pg = psycopg.connect(target, autocommit=True, row_factory=dict_row)
         try:
             schema = self.parsed.schema
             if schema is not None:  # created (once, under a lock) by create_schema
@@ -186,7 +192,7 @@ class Database:
         pid = os.getpid()
         conn = getattr(self._local, "conn", None)
         if conn is not None and getattr(self._local, "pid", None) == pid:
-            if self.dialect == "postgresql" and conn.closed:
+            if self.dialect == "postgresql" and (conn.closed or conn.broken):
                 conn = None
             else:
                 return conn
@@ -239,16 +245,9 @@ class Database:
     def transaction(self, write: bool = False) -> Iterator[Transaction]:
         """One transaction on this thread's connection: committed on normal exit, rolled back
         on any exception (which propagates; driver errors as StorageError)."""
-        conn = self._connection()
+        conn = self._begin(write)
         ok = False
         try:
-            with self._translate():
-                if self.dialect == "sqlite":
-                    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                elif write:
-                    conn.execute("BEGIN")
-                else:
-                    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             tx = Transaction(self, conn)
             yield tx
             with self._translate():
@@ -261,6 +260,35 @@ class Database:
                         conn.execute("ROLLBACK")
                 except Exception:
                     self._drop_connection()
+
+    def _begin(self, write: bool) -> Any:
+        """This thread's connection with a transaction begun on it. A PostgreSQL connection
+        that died since its last use (the server restarted, or dropped it) fails at BEGIN,
+        before any statement ran: it is replaced once, so recovery needs no 503 per thread."""
+        if self.dialect == "sqlite":
+            conn = self._connection()
+            with self._translate():
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            return conn
+        begin = "BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                with self._translate():
+                    conn.execute(begin)
+                return conn
+            except StorageError:
+                if conn.closed or conn.broken:
+                    self._drop_connection()
+                    if attempt == 1:
+                        continue
+                    raise
+                try:
+                    conn.execute("ROLLBACK")
+                except Exception:  # noqa: BLE001 - the connection is unusable: forget it
+                    self._drop_connection()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- schema ----------------------------------------------------------------------------
     def create_schema(

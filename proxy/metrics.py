@@ -8,13 +8,16 @@ records were sampled (no per-prompt, per-record or generation-job token counts).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.routing import compile_path
 
 __all__ = ["Metrics", "install_request_metrics", "track_serving"]
 
@@ -90,10 +93,27 @@ def track_serving(metrics: Metrics, backend: object) -> None:
         metrics.registry.register(_ServingCollector(stats))
 
 
+def _route_template(app: FastAPI, scope: Mapping[str, Any]) -> str:
+    """The template of the route that served ``scope``; else (the request was refused before
+    routing) the first API path template that matches its path; else ``unmatched``."""
+    route = scope.get("route")
+    if route is not None:
+        return str(getattr(route, "path", "unmatched"))
+    templates: list[tuple[re.Pattern[str], str]] | None = getattr(
+        app.state, "route_templates", None
+    )
+    if templates is None:  # the app's routes are fixed once it serves: compile them once
+        templates = [(compile_path(path)[0], path) for path in app.openapi().get("paths", {})]
+        app.state.route_templates = templates
+    path = str(scope.get("path", ""))
+    return next((t for pattern, t in templates if pattern.match(path)), "unmatched")
+
+
 def install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
     """Count every request by route *template* (never the concrete path, which may name a
     dataset or job), method and status, and observe its latency; ``unmatched`` for a path no
-    route matched."""
+    route matches. A request refused before routing (a body over its limit, by
+    :class:`proxy.limits.BodyLimit`) is counted under the route its path names."""
 
     @app.middleware("http")
     async def _measure(
@@ -101,8 +121,7 @@ def install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
     ) -> Response:
         t0 = time.perf_counter()
         response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
+        path = _route_template(app, request.scope)
         metrics.requests.labels(path, request.method, str(response.status_code)).inc()
         metrics.latency.labels(path).observe(time.perf_counter() - t0)
         return response

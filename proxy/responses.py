@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -28,11 +29,22 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from proxy.metrics import Metrics
 from proxy.serving import TokenEvent
 
-__all__ = ["CHAT", "COMPLETION", "Reply", "Shape", "sse", "until_disconnect", "usage"]
+__all__ = [
+    "CHAT",
+    "COMPLETION",
+    "Reply",
+    "Shape",
+    "json_until_disconnect",
+    "sse",
+    "until_disconnect",
+    "until_stopped",
+    "usage",
+]
 
 Decode = Callable[[Sequence[int]], str]
 T = TypeVar("T")
@@ -69,10 +81,13 @@ def sse(chunks: Iterator[str] | AsyncIterator[str]) -> StreamingResponse:
     )
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T | Response:
-    """Await ``work`` unless the client disconnects first: then ``work`` is cancelled (so a
-    request's events are abandoned and the backend aborts it) and an empty 499 response, which
-    nobody reads, is returned. The request body must have been read already (FastAPI has)."""
+async def until_disconnect(
+    request: Request, work: Awaitable[T], on_disconnect: Callable[[], object] | None = None
+) -> T | Response:
+    """Await ``work`` unless the client disconnects first: then ``on_disconnect()`` is called
+    and ``work`` cancelled (so a request's events are abandoned and the backend aborts it) and
+    an empty 499 response, which nobody reads, is returned. The request body must have been
+    read already (FastAPI has)."""
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -84,12 +99,57 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T | Response
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             return task.result()
+        if on_disconnect is not None:
+            on_disconnect()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         return Response(status_code=499)
     finally:
         watch.cancel()
+
+
+class _Abandoned(Exception):
+    """Internal: the client of a non-streamed request read in a worker thread went away."""
+
+
+def until_stopped(events: Iterator[TokenEvent], stop: threading.Event) -> Iterator[TokenEvent]:
+    """``events`` until ``stop`` is set, checked before each next event is computed (so at most
+    the engine step in progress finishes), then :class:`_Abandoned`; ``events`` is closed
+    either way (a generator's ``finally`` frees its batch)."""
+    try:
+        while not stop.is_set():
+            try:
+                event = next(events)
+            except StopIteration:
+                return
+            yield event
+        raise _Abandoned
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+
+
+async def json_until_disconnect(
+    request: Request,
+    reply: Reply,
+    events: Iterator[TokenEvent],
+    stop: threading.Event | None = None,
+) -> dict[str, Any] | Response:
+    """:meth:`Reply.json` of a backend read in the thread pool (the step loop), aborted when
+    the client disconnects: ``stop`` (a fresh event unless given) is set, the worker thread
+    leaves ``events`` before the next engine step and closes them, and the answer is 499."""
+    flag = stop if stop is not None else threading.Event()
+
+    def consume() -> dict[str, Any] | None:
+        try:
+            return reply.json(until_stopped(events, flag))
+        except _Abandoned:
+            return None
+
+    answer = await until_disconnect(request, run_in_threadpool(consume), flag.set)
+    return Response(status_code=499) if answer is None else answer
 
 
 class Shape:

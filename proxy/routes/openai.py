@@ -21,7 +21,7 @@ from proxy.answering import DEFAULT_MAX_TOKENS, Prepared, check_limits, prepare
 from proxy.auth import require_key
 from proxy.context import AppContext, get_context
 from proxy.errors import model_not_found
-from proxy.responses import until_disconnect
+from proxy.responses import json_until_disconnect, until_disconnect
 from proxy.routes.predictors import (
     find_predictor,
     model_cards,
@@ -87,8 +87,9 @@ async def _respond(
     then answer as one JSON body or as a stream.
 
     A backend that feeds the event loop (:class:`AsyncBackend`: continuous batching) holds no
-    thread per request, and a client that disconnects aborts its request, streamed or not.
-    Other backends are iterated in the thread pool, as before."""
+    thread per request. Other backends are iterated in the thread pool. Either way a client
+    that disconnects aborts its request, streamed or not (non-streamed on a thread-pool
+    backend: :func:`proxy.responses.json_until_disconnect`, before the next engine step)."""
     body, reply, prompt_ids, params = (
         prepared.request,
         prepared.reply,
@@ -107,7 +108,7 @@ async def _respond(
     )
     if body.stream:
         return reply.stream(sync_events, include_usage=include_usage)
-    return await run_in_threadpool(reply.json, sync_events)
+    return await json_until_disconnect(request, reply, sync_events)
 
 
 async def _answer(

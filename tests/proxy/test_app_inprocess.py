@@ -475,3 +475,25 @@ def test_proxy_modules_import_no_cycle() -> None:
 
     for m in sorted(edges):
         visit(m, ())
+
+
+def test_a_body_refused_before_routing_is_counted_under_its_route(tmp_path: Path) -> None:
+    """A 413 from the body limit (no route ran) is counted in ``/metrics`` under the route its
+    path names; a path no route matches stays ``unmatched``."""
+    from proxy.limits import Limits
+
+    store = Store.open(f"sqlite:///{tmp_path / 'a.db'}")
+    app = create_app(
+        store, _Engine(), run_jobs=False, metrics_key="m", limits=Limits(max_body_bytes=1024)
+    )
+
+    async def go() -> str:
+        async with _client(app) as c:
+            big = await c.post("/v1/chat/completions", content=b" " * 2048)
+            assert big.status_code == 413
+            assert (await c.get("/v1/nowhere")).status_code == 404
+            return (await c.get("/metrics", headers={"Authorization": "Bearer m"})).text
+
+    text = asyncio.run(go())
+    assert 'method="POST",route="/v1/chat/completions",status="413"} 1.0' in text
+    assert 'method="GET",route="unmatched",status="404"} 1.0' in text

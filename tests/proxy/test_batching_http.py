@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,54 @@ def test_a_non_streamed_request_whose_client_disconnects_is_aborted_within_one_s
 
     response = asyncio.run(scenario())
     assert response.status_code == 499 and backend.stats["aborted"] == 1
+
+
+def test_a_non_streamed_step_loop_request_whose_client_disconnects_is_aborted() -> None:
+    """The step loop (read in the thread pool): once the client is gone, the engine step in
+    progress finishes, no further one starts, and the batch is closed (its rows freed)."""
+    import threading
+
+    from dp_decoding.engines.fake import FakeBatch
+    from proxy.responses import json_until_disconnect
+    from proxy.serving import StepLoopBackend
+
+    stop = threading.Event()
+    appends: list[int] = []
+
+    class Held(FakeBatch):
+        def append(self, tokens: Any) -> None:
+            super().append(tokens)
+            appends.append(1)
+            if len(appends) == 3:  # the third decode step lasts until the client is gone
+                assert stop.wait(timeout=60)
+
+    class Engine(_Engine):
+        def start(self, prompts: Any, *, width: int | None = None) -> FakeBatch:
+            self.batches.append(Held(self, prompts))
+            return self.batches[-1]
+
+    engine = Engine()
+    reply = Reply(CHAT, "chatcmpl-", "fake-model", 3, 1, Metrics(), engine.decode)
+    events = StepLoopBackend(engine).generate(
+        engine.tokenize("abc"), SamplingParams(max_tokens=100)
+    )
+
+    async def scenario() -> Any:
+        request = _Disconnecting()
+        answer = asyncio.ensure_future(
+            json_until_disconnect(request, reply, events, stop)  # type: ignore[arg-type]  # a stand-in request
+        )
+        while len(appends) < 3:  # a liveness wait for the held step, not a timing bound
+            await asyncio.sleep(0.01)
+        request.gone.set()  # the client hangs up: sets ``stop``, which releases the step
+        return await answer
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 499
+    batch = engine.batches[-1]
+    assert isinstance(batch, Held)
+    for _ in range(6000):  # the worker thread may still be leaving: a liveness bound (60 s)
+        if batch.closed:
+            break
+        time.sleep(0.01)
+    assert batch.closed and len(appends) == 3
