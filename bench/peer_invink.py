@@ -163,10 +163,10 @@ def export(args: argparse.Namespace) -> int:
         ids = tok.encode(" " + one_line(text), add_special_tokens=False)[:limit]
         return str(tok.decode(ids)).strip()
 
-    for eps in args.epsilons:
-        plan = build_plan(data.fmt, spec, st, eps, args.shots)
-        refs_per_demo = plan.M * plan.N
-        for draw in range(args.draws):
+    plans = {eps: build_plan(data.fmt, spec, st, eps, args.shots) for eps in args.epsilons}
+    for draw in range(args.draws):  # draw-major: a partial run has every ε's first draws
+        for eps, plan in plans.items():
+            refs_per_demo = plan.M * plan.N
             key = os.urandom(32)  # the draw's secret slot key (never written)
             labels = []
             for label in plan.labels:
@@ -264,6 +264,12 @@ def generate(args: argparse.Namespace) -> int:
                 random_seed=secrets.randbits(31),
             )
             demos.extend([t, lab["label"]] for t in res.texts)
+            print(
+                f"ε = {cell['epsilon']} draw {cell['seed']} {lab['label']}: "
+                f"{len(res.texts)} demonstration(s), {time.monotonic() - t0:.0f} s so far",
+                file=sys.stderr,
+                flush=True,
+            )
             stats.append(
                 {
                     "label": lab["label"],
