@@ -72,7 +72,7 @@ bench-gate: install
 
 # The clipped mechanism's generation cost against plain (model-written) generation, same T.
 bench-clipped: install
-	$(PY) bench/clipped_cost.py --threads 1 --out docs/benchmarks.md
+	$(PY) bench/clipped_cost.py --M 8 --T 20 --demos 2 --rounds 4 --threads 1 --out docs/benchmarks.md
 
 # The published peer, `invink` (InvisibleInk; GPLv3), in its OWN venv (.venv-peer): a
 # benchmark-only dependency that `make test` and `make serve` never install and the product
