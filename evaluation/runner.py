@@ -37,10 +37,12 @@ from evaluation.demos import (
     real_demonstrations,
     seeded,
 )
+from evaluation.external import DemosFile, load_demos_file
 from evaluation.methods import (
     DECLARED_METHODS,
     DEFAULT_METHODS,
     DP_METHODS,
+    EXTERNAL,
     GATE_CUTOFF,
     GATE_THRESHOLD,
     GATED,
@@ -111,6 +113,18 @@ class EvalConfig:
     the report, from the per-row hits each cell keeps; nothing is recomputed. For rows held
     out from an earlier look at the first ones. Cells cached before per-row hits were kept
     cannot be sliced; they are left out and counted in ``results["cells_unsliceable"]``."""
+    demos_file: Path | None = None
+    """Demonstrations made outside dpicl for the external rows (``invink``;
+    :mod:`evaluation.external`): one cell per (ε, seed) of the grid the file holds."""
+    _demos: DemosFile | None = field(default=None, repr=False, compare=False)
+
+    def external(self, labels: tuple[str, ...] | None = None) -> DemosFile | None:
+        """The demos file, read once (None when no ``demos_file`` is given)."""
+        if self.demos_file is None:
+            return None
+        if self._demos is None:
+            self._demos = load_demos_file(self.demos_file, labels)
+        return self._demos
 
 
 def eps_key(eps: float | None) -> str | None:
@@ -252,6 +266,7 @@ def cells_for(cfg: EvalConfig, spec: EvalTask) -> list[dict[str, Any]]:
                 cells.append(
                     {**common, **extra, "method": m, "shots": shots, "epsilon": None, "seed": seed}
                 )
+        cells.extend(_external_cells(cfg, spec, common, shots))
         for m in DP_METHODS:
             if m not in cfg.methods:
                 continue
@@ -279,6 +294,36 @@ def cells_for(cfg: EvalConfig, spec: EvalTask) -> list[dict[str, Any]]:
     return cells
 
 
+def _external_cells(
+    cfg: EvalConfig, spec: EvalTask, common: dict[str, Any], shots: int
+) -> list[dict[str, Any]]:
+    """The external rows' cells: the grid's (ε, seed) the demos file holds for this task and
+    shots, keyed by the file's source and the demonstrations' SHA-256."""
+    ext = cfg.external(spec.demo_labels)
+    if ext is None or ext.method not in cfg.methods or ext.method not in EXTERNAL:
+        return []
+    if ext.task != spec.name or ext.shots != shots:
+        return []
+    out: list[dict[str, Any]] = []
+    for eps in cfg.epsilons:
+        for seed in range(cfg.seeds):
+            found = ext.find(eps_key(eps), seed)
+            if found is None:
+                continue
+            out.append(
+                {
+                    **common,
+                    "method": ext.method,
+                    "shots": shots,
+                    "epsilon": eps_key(eps),
+                    "seed": seed,
+                    "source": ext.source,
+                    "demos_sha256": found.digest,
+                }
+            )
+    return out
+
+
 def _declared_key(task: str, method: str) -> dict[str, Any]:
     """What else keys a generic-path cell: its prompts and, with a description, the
     declaration itself (editing a description makes new cells, never reuses old ones)."""
@@ -304,6 +349,22 @@ def run_cell(engine: Any, cell: dict[str, Any], data: TaskData, cfg: EvalConfig)
         demos = real_demonstrations(fmt, data.pool, labels, cell["shots"], cell["seed"])
     elif m in ("public", "public-long"):
         demos = public_demonstrations(engine, fmt, labels, cell["shots"], cell["T"], cell["seed"])
+    elif m in EXTERNAL:
+        ext = cfg.external(spec.demo_labels)
+        if ext is None:
+            raise ValueError(f"method {m!r} needs --demos-file")
+        found = ext.by_digest(cell["demos_sha256"])
+        demos = list(found.demonstrations)
+        peer = found.info
+        info = {
+            "epsilon_achieved": peer.get("epsilon_ours"),
+            "sigma": None,
+            "noise_multiplier": None,
+            "epsilon0": peer.get("epsilon0_ours"),
+            "steps": peer.get("T"),
+            "q": None,
+            "peer": peer,
+        }
     else:
         st = cell["settings"]
         eps = float(cell["epsilon"])
