@@ -212,8 +212,8 @@ def report(
         "",
         "Goals (issue 4): design 2 ≥ 0.9 of plain; ≥ 10× the reference pattern. Design 2 runs "
         "the Gaussian mechanism over the full vocabulary inside vLLM's logits processor "
-        "(candidates `all` or a declared list; public top-k candidates need the public "
-        "prompt's own engine call each step, so they use the step loop). *Before the "
+        "(candidates `all` here; the default plan's public top-k runs in design 2 with a "
+        "public row per group: bench/vllm_default_plan.py). *Before the "
         "hardening* = the same loop in the same run with the private rows left-padded only to "
         "their own longest row and numpy PCG64DXSM noise; now the rows are padded to the "
         "declared width (instruction + N × (label line + 96-token example) + suffix, "
