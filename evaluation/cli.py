@@ -232,7 +232,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, help="output folder (also the resume cache)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
+    _register_audit(sub)
 
+
+def _register_audit(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser(
         "audit",
         help="plant canaries and measure verbatim leakage into DP demonstrations",
