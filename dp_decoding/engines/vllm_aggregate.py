@@ -162,9 +162,12 @@ class AggregationJob:
         assert step is not None and logits.shape[0] == g.size
         pub = torch.log_softmax(logits[-1].float(), dim=-1).cpu().numpy()
         cand = step.candidates(g.index, pub)
-        lp = torch.log_softmax(logits[:-1].float(), dim=-1)
-        if cand is not None:
-            lp = lp.index_select(1, torch.as_tensor(cand, dtype=torch.long, device=lp.device))
+        x = logits[:-1].float()
+        if cand is None:
+            lp = torch.log_softmax(x, dim=-1)
+        else:  # only the candidates' columns, normalised over the full vocabulary
+            cols = torch.as_tensor(cand, dtype=torch.long, device=x.device)
+            lp = x.index_select(1, cols) - torch.logsumexp(x, dim=-1, keepdim=True)
         return int(step.decide(g.index, lp.cpu().numpy(), cand, pub))
 
     def forced(self, group: int, position: int) -> int:
