@@ -172,7 +172,8 @@ def report(args: argparse.Namespace, parts: list[Part], machine: dict[str, str])
             f"chat requests to the base model, `max_tokens` {args.max_tokens}, "
             f"{args.chunk_lines} lines per engine batch, embedded engine, "
             f"{machine['threads']} torch threads, {machine['dtype']}; {machine['nproc']} CPUs "
-            f"({machine['cpu']}) shared with other work, torch {machine['torch']}.",
+            f"({machine['cpu']}; other processes' share of the CPU in the table), torch "
+            f"{machine['torch']}.",
             "",
             "| path | rows | seconds | rows/s | rows/s upload→output | load (1 min) before | "
             "other processes' CPU during |",
