@@ -73,18 +73,19 @@ def load_texts(path: Path, label: str, n: int) -> list[str]:
 
 
 def build(
-    engine: VLLMEngine, M: int, data: Path
+    engine: VLLMEngine, M: int, data: Path, n: int = 1
 ) -> tuple[TaskFormat, list[list[int]], list[int], int]:
-    """M one-example prompts as the generation loop builds them (token level, examples cut to
-    the default 96 tokens), the public prompt, and the declared width of such rows."""
+    """M prompts of ``n`` examples each as the generation loop builds them (token level,
+    examples cut to the default 96 tokens), the public prompt, and the declared width of such
+    rows."""
     from dp_decoding.rows import RowBuilder
     from prompts.tasks import get_task
 
     task = get_task("agnews")
-    texts = load_texts(data, "World", M)
+    texts = load_texts(data, "World", M * n)
     rb = RowBuilder(engine.tokenize, task, ["World"], 96)
-    prompts = [rb.private_row("World", [t]) for t in texts]
-    return task, prompts, rb.public_row("World"), rb.width(1)
+    prompts = [rb.private_row("World", texts[i * n : (i + 1) * n]) for i in range(M)]
+    return task, prompts, rb.public_row("World"), rb.width(n)
 
 
 def run_dp_cand(
@@ -160,12 +161,23 @@ def run_dp_full(
     return made / (time.perf_counter() - t0), plan
 
 
-def run_plain(engine: VLLMEngine, prompts: list[list[int]], T: int) -> float:
-    # a fresh cache salt per run, as every DP job gets: without it the repeats would read the
-    # prompts' KV blocks from the prefix cache and skip the prefill that design 2 pays
-    salt = secrets.token_urlsafe(16)
+def run_plain(
+    engine: VLLMEngine, prompts: list[list[int]], T: int, row_salts: bool = False
+) -> float:
+    """Greedy decoding of ``prompts``, T tokens each, in one ``generate``. A fresh cache salt
+    per run (without it the repeats would read the prompts' KV blocks from the prefix cache and
+    skip the prefill that design 2 pays); the rows of one run share it, so they share their
+    common prefix's blocks, as a non-private server's would. ``row_salts``: a fresh salt per
+    row instead, as every private batch gets (no row reads another row's blocks)."""
+    run_salt = secrets.token_urlsafe(16)
     sp = engine._SamplingParams(max_tokens=T, temperature=0.0, ignore_eos=True, detokenize=False)
-    tp = [engine._TokensPrompt(prompt_token_ids=list(p), cache_salt=salt) for p in prompts]
+    tp = [
+        engine._TokensPrompt(
+            prompt_token_ids=list(p),
+            cache_salt=secrets.token_urlsafe(16) if row_salts else run_salt,
+        )
+        for p in prompts
+    ]
     t0 = time.perf_counter()
     out = engine.llm.generate(tp, sp, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == T for o in out)
