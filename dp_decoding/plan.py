@@ -99,7 +99,8 @@ class Plan:
     """λ of the exponential mechanism's public prior (0 = none); public top-k candidates only."""
     gate_cutoff: int | None = None
     """c of the public-token gate (None = no gate): at most c private tokens per
-    demonstration; the others are the public model's. Fixed regime, exponential, public top-k."""
+    demonstration; the others are the public model's. Fixed regime, exponential or clipped,
+    public top-k."""
     gate_threshold: float | None = None
     """θ of the gate, as a total-variation distance in (0, 1] (the threshold is θ·M)."""
     description: str | None = None
@@ -450,8 +451,8 @@ def _check_prior_and_gate(
     if gate_cutoff is not None or gate_threshold is not None:
         _check(
             regime == "fixed" and spec.gate and candidates == "public-topk",
-            "the public-token gate needs the fixed regime, the exponential mechanism and "
-            "public top-k candidates",
+            "the public-token gate needs the fixed regime, the exponential or clipped "
+            "mechanism and public top-k candidates",
         )
         _check(gate_cutoff is not None, "the gate needs a declared cutoff (gate-cutoff)")
         _check(

@@ -331,8 +331,8 @@ PARAMS: tuple[PlanParam, ...] = (
         low=1,
         cli=CliSpec(
             ("--gate-cutoff",),
-            "public-token gate (fixed regime, exponential, public-topk): at most C private "
-            "tokens per demonstration, the others taken from the public model where an "
+            "public-token gate (fixed regime, exponential or clipped, public-topk): at most C "
+            "private tokens per demonstration, the others taken from the public model where an "
             "AboveThreshold test finds the private vote close to it; the plan charges C rounds "
             "(gate + selection) instead of max-tokens steps",
             int,

@@ -69,6 +69,8 @@ class GateDecision:
             if gate.above(gate.distance(scores, pub[cand]), g.gate_threshold, gen.rng):
                 g.private_tokens += 1
                 g.gate_threshold = None  # the next private token needs a new instance
+                if gen.row_mechanism is not None:  # clipped: it reads the rows themselves
+                    return gen._select(lp, cand, pub)
                 return gen._pick(scores, cand, pub)
         return self.public_token(cand, pub)
 

@@ -23,6 +23,15 @@ Event: ``steps`` ε₀-bounded-range steps, the exponential mechanism's event (�
 pure-DP PLD, the smaller; resampled: Poisson-amplified pure DP), calibrated by the exponential
 mechanism's search; τ then follows from the declared C and M: ``τ = 4C(1 + η)/(M·ε₀)``.
 
+With the public-token gate (fixed regime, public top-k): each of the ``c`` rounds is one
+AboveThreshold instance on ``d = ½‖s − M·p_pub‖₁`` (sensitivity 1, :mod:`.gate`; ``s`` the
+rows' candidate-renormalised distributions, as for every mechanism) plus, at "above", one draw
+of this mechanism, both at ε₀: exactly the gated exponential event, because the selection
+enters it only as "one ε₀-bounded-range draw", which this draw is. Positions answered "below"
+are the public model's (data-free given the released prefix). So the gate composes with no new
+analysis; it is calibrated by the gate's search (:func:`.gate.calibrate`) and τ follows from
+that ε₀ as above.
+
 Top-k+. With public top-k candidates the set ``S`` is ``{v : z_pub(v) ≥ t_k − 2C}`` (``t_k``
 the k-th largest public log-probability): every token that can be among the k largest ``u``
 for *some* private rows, since ``u_v·τ ∈ [z_pub(v) − C, z_pub(v) + C]``; a token below the band
@@ -174,10 +183,8 @@ class ClippedExponential:
 def _calibrate(
     regime: str, steps: int, epsilon: float, delta: float, q: float | None, gated: bool = False
 ) -> dict[str, Any]:
-    """ε₀ as for the exponential mechanism (the same event); the gate is refused by the spec."""
-    if gated:
-        raise ValueError("the clipped mechanism takes no public-token gate")
-    return exponential.calibrate(regime, steps, epsilon, delta, q)
+    """ε₀ as for the exponential mechanism (the same event, gated or not: module docstring)."""
+    return exponential.calibrate(regime, steps, epsilon, delta, q, gated)
 
 
 def _sampler_for(clip: float, name: str) -> Callable[[PlanNoise], ClippedExponential]:
@@ -192,7 +199,7 @@ def _accounting_for(clip: float) -> Callable[[str, bool], str]:
     def text(regime: str, gated: bool) -> str:
         return (
             f"clipped log-probability differences (C = {clip:g}, τ = 4C(1+2⁻²⁰)/(M·ε0)), "
-            "top-k+ candidates: " + exponential.SPEC.accounting(regime, False)
+            "top-k+ candidates: " + exponential.SPEC.accounting(regime, gated)
         )
 
     return text
@@ -209,6 +216,7 @@ def make_spec(clip: float = DEFAULT_CLIP, name: str = "clipped") -> MechanismSpe
         calibrate=_calibrate,
         sampler=_sampler_for(clip, name),
         accounting=_accounting_for(clip),
+        gate=True,
     )
 
 

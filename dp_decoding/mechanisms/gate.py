@@ -6,7 +6,8 @@ inputs are rounded to the grid :data:`GATE_GRID`, so the rounded query's sensiti
 :data:`GATE_ROUNDED_SENSITIVITY` = 1 + 2⁻²⁰. Event: the exponential mechanism's event with
 ``gated=True`` (each of the ``c`` rounds one AboveThreshold instance plus one selection, both
 at ε₀): :func:`event_factory`, calibrated by :func:`calibrate`, which the exponential spec
-calls for a gated plan (:mod:`.exponential`; the gate admits no other mechanism).
+calls for a gated plan (:mod:`.exponential`; :mod:`.clipped` too, its gated event being the
+same).
 """
 
 from __future__ import annotations

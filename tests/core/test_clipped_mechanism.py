@@ -28,7 +28,7 @@ from accountant import JobEvent, epsilon
 from dp_decoding.generate import DemoGenerator
 from dp_decoding.mechanisms import ClippedExponential, RowMechanism, registry, top_k_plus
 from dp_decoding.mechanisms.clipped import FLOAT_SLACK, clipped_logits, make_spec
-from dp_decoding.noise import SecureRandom
+from dp_decoding.noise import NoiseSource, SecureRandom
 from dp_decoding.plan import PlanError, make_plan
 from dp_decoding.records import Record
 from prompts import generic_task
@@ -230,11 +230,84 @@ def test_calibration_never_lands_above_target(
     assert epsilon(looser, delta) > target  # within 1% of the largest feasible ε₀
 
 
-def test_plan_refuses_gate_and_public_prior() -> None:
-    with pytest.raises(PlanError):
-        make_plan(labels=["A"], mechanism="clipped", gate_cutoff=4)
+def test_plan_refuses_public_prior() -> None:
     with pytest.raises(PlanError):
         make_plan(labels=["A"], mechanism="clipped", public_prior=1.0)
+    with pytest.raises(PlanError):  # the gate needs public top-k, as for the exponential
+        make_plan(labels=["A"], mechanism="clipped", gate_cutoff=4, candidates="all")
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    st.floats(0.5, 16.0),
+    st.integers(1, 24),
+    st.sampled_from([1e-5, 1e-6, 1e-8]),
+    st.integers(2, 128),
+)
+def test_the_gate_composes_as_for_the_exponential_mechanism(
+    target: float, cutoff: int, delta: float, prompts: int
+) -> None:
+    """Gated, the clipped plan charges c rounds of (AboveThreshold at ε₀ + one ε₀-bounded-range
+    draw): the gated exponential event, at the same ε₀; that event is within ε by dp_accounting
+    (recomputed here: c-fold composition of two ε₀-DP mechanisms, the pure-DP PLD), and τ
+    follows from that ε₀."""
+    kw = dict(labels=["A", "B"], epsilon=target, delta=delta, max_tokens=24, prompts=prompts)
+    gated = make_plan(mechanism="clipped", gate_cutoff=cutoff, **kw)  # type: ignore[arg-type]
+    same = make_plan(mechanism="exponential", gate_cutoff=cutoff, public_prior=0.0, **kw)  # type: ignore[arg-type]
+    assert gated.steps == cutoff
+    assert gated.epsilon0 == same.epsilon0
+    assert gated.event() == JobEvent(
+        "exponential", "fixed", cutoff, epsilon0=gated.epsilon0, gated=True
+    )
+    assert gated.epsilon() <= target
+    eps0 = gated.epsilon0
+    assert eps0 is not None
+    round_pld = pld.privacy_loss_distribution.from_privacy_parameters(
+        pld.common.DifferentialPrivacyParameters(2 * eps0, 0.0), value_discretization_interval=eps0
+    )
+    pure = round_pld.self_compose(cutoff).get_epsilon_for_delta(delta)
+    assert gated.epsilon() <= pure * (1 + 1e-9)
+    mech = gated.mechanism_obj()
+    assert isinstance(mech, ClippedExponential)
+    assert mech.epsilon0 == eps0
+    assert mech.temperature == pytest.approx(4 * mech.clip * (1 + FLOAT_SLACK) / (prompts * eps0))
+
+
+def _gated_clipped_draws(theta: float) -> int:
+    """Run a gated clipped plan (c = 2, 4 demonstrations of 8 tokens) through the fake engine;
+    return how many clipped draws (``select_rows``) it made."""
+    plan = make_plan(
+        labels=["A", "B"],
+        epsilon=4.0,
+        shots=2,
+        max_tokens=8,
+        prompts=4,
+        mechanism="clipped",
+        top_k=5,
+        gate_cutoff=2,
+        gate_threshold=theta,
+    )
+    gen = DemoGenerator(FakeEngine(), plan, generic_task(["A", "B"]), rng=np.random.default_rng(4))
+    mech = gen.row_mechanism
+    assert isinstance(mech, ClippedExponential)
+    calls: list[int] = []
+    inner = mech.select_rows
+
+    def spy(lp: np.ndarray, pub: np.ndarray, rng: NoiseSource) -> int:
+        calls.append(1)
+        return inner(lp, pub, rng)
+
+    object.__setattr__(mech, "select_rows", spy)  # test double on a frozen dataclass
+    assert len(gen.run(two_label_records(24))) == 4
+    return len(calls)
+
+
+def test_the_gate_in_front_of_the_clipped_draw() -> None:
+    """Through the fake engine: at most c private tokens per demonstration, each one clipped
+    draw (``select_rows``), every other position a public draw. With a tiny θ nearly every
+    gate answer is "above", so the clipped draw runs (and stops at the cutoff)."""
+    assert 0 < _gated_clipped_draws(1e-6) <= 4 * 2
+    assert _gated_clipped_draws(1.0) <= 4 * 2
 
 
 @pytest.mark.parametrize(

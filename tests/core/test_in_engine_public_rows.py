@@ -86,6 +86,7 @@ PLANS: dict[str, dict[str, Any]] = {
     "default (public top-k, exponential, prior)": {},
     "gate": {"gate_cutoff": 2},
     "clipped top-k+": {"mechanism": "clipped", "public_prior": 0.0},
+    "clipped top-k+, gate": {"mechanism": "clipped", "public_prior": 0.0, "gate_cutoff": 2},
 }
 
 
