@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "BASELINES",
+    "CLIPPED",
     "DECLARED_METHODS",
     "DEFAULT_METHODS",
     "DP_METHODS",
@@ -51,6 +52,8 @@ METHODS: dict[str, str] = {
     f"θ = {GATE_THRESHOLD}, λ = 1; T costs no ε under the gate)",
     "clipped": f"DP, clipped log-probability differences with top-k+ (M = {WIDE_M}, C = 1, "
     "public top-50+, no prior)",
+    "clipped-gate-long": f"DP, clipped top-k+ behind the public-token gate at the paper's T "
+    f"(M = {WIDE_M}, C = 1, c = {GATE_CUTOFF}, θ = {GATE_THRESHOLD}, no prior)",
     "invink": "DP, the peer invink 0.1.0 (InvisibleInk) on the same pools and ε (--demos-file)",
     "preset": "DP at the plan's defaults, the preset task's prompts",
     "generic": "DP at the plan's defaults, generic prompts without a description",
@@ -67,10 +70,13 @@ DP_METHODS = (
     "gate",
     "gate-long",
     "clipped",
+    "clipped-gate-long",
     *DECLARED_METHODS,
 )
-GATED = ("gate", "gate-long")
-PAPER_T = ("public-long", "gate-long")
+GATED = ("gate", "gate-long", "clipped-gate-long")
+CLIPPED = ("clipped", "clipped-gate-long")
+"""Rows of the clipped mechanism (no public prior: its spec refuses one)."""
+PAPER_T = ("public-long", "gate-long", "clipped-gate-long")
 """Rows whose demonstration length is the paper's T for the task (DBPedia and AGNews: 100
 tokens) instead of the budget rows' T. Declared from the paper, not searched: under the gate
 T costs no ε, and the model-written baseline is reported at the same T for a matched

@@ -141,6 +141,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ("gate", "--v"),
             ("gate-long", "-v"),
             ("clipped", ":x"),
+            ("clipped-gate-long", "-x"),
         ):
             pts = [(x, by_method.get(m, {}).get(e)) for x, e in zip(xs, eps_cols, strict=True)]
             pts = [(x, ent[metric]) for x, ent in pts if ent and metric in ent]

@@ -39,6 +39,7 @@ from evaluation.demos import (
 )
 from evaluation.external import DemosFile, load_demos_file
 from evaluation.methods import (
+    CLIPPED,
     DECLARED_METHODS,
     DEFAULT_METHODS,
     DP_METHODS,
@@ -179,17 +180,18 @@ def dp_settings(cfg: EvalConfig, spec: EvalTask, method: str) -> dict[str, Any]:
     """Declared generation parameters of a DP row (and of the ε = 0 row's length T)."""
     if method in DECLARED_METHODS:
         return declared_settings(cfg.override)
-    if method in ("best", "blend", "wide", "clipped", *GATED):
+    if method in ("best", "blend", "wide", *CLIPPED, *GATED):
         s = spec.best
-        if method in ("wide", "clipped", *GATED):
+        if method in ("wide", *CLIPPED, *GATED):
             s = Settings(WIDE_M, 2, spec.paper.T if method in PAPER_T else spec.best.T)
         out: dict[str, Any] = {
             "regime": "fixed",
-            "mechanism": "clipped" if method == "clipped" else "exponential",
+            "mechanism": "clipped" if method in CLIPPED else "exponential",
             "candidates": "public-topk",
             "top_k": 50,
         }
-        if method in ("blend", *GATED):  # λ = 1, declared: the public model's own distribution
+        if method in ("blend", *GATED) and method not in CLIPPED:
+            # λ = 1, declared: the public model's own distribution
             out["public_prior"] = 1.0
     else:
         s = spec.paper if cfg.paper_settings else spec.budget

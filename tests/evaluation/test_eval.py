@@ -74,6 +74,27 @@ def test_clipped_row_is_the_declared_tenth_run(tmp_path: Path) -> None:
     assert plan.to_dict()["epsilon"] <= 4.0 + 1e-9
 
 
+def test_clipped_gate_row_is_gate_long_with_the_clipped_mechanism(tmp_path: Path) -> None:
+    """'clipped-gate-long' is 'gate-long' (M = 128, N = 2, the paper's T, c and θ declared)
+    with the clipped mechanism in place of the exponential one and no public prior; its plan
+    charges the gated event within ε, at the same ε₀ as 'gate-long'."""
+    from evaluation.methods import DEFAULT_METHODS
+    from evaluation.tasks import EVAL_TASKS
+
+    spec = EVAL_TASKS["dbpedia"]
+    cfg = EvalConfig(["dbpedia"], tmp_path, [4.0], 1, 10, [4], tmp_path, methods=list(METHODS))
+    st, gl = dp_settings(cfg, spec, "clipped-gate-long"), dp_settings(cfg, spec, "gate-long")
+    assert st["mechanism"] == "clipped" and "public_prior" not in st
+    assert {k: v for k, v in st.items() if k != "mechanism"} == {
+        k: v for k, v in gl.items() if k not in ("mechanism", "public_prior")
+    }
+    assert "clipped-gate-long" not in DEFAULT_METHODS
+    fmt = get_task("dbpedia")
+    plan, ref = (build_plan(fmt, spec, s, 4.0, 4) for s in (st, gl))
+    assert plan.gate_cutoff == ref.gate_cutoff and plan.epsilon0 == ref.epsilon0
+    assert plan.to_dict()["epsilon"] <= 4.0 + 1e-9
+
+
 @pytest.mark.model
 def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:
     cfg = EvalConfig(
