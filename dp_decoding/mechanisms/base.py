@@ -104,4 +104,6 @@ class MechanismSpec:
     public_prior: bool = False
     """Admits the public prior λ (its utility may take a data-free term)."""
     gate: bool = False
-    """Admits the public-token gate (its selection is ε0-DP at the gate's ε0)."""
+    """Admits the public-token gate: its selection must be ε0-bounded-range at the gate's ε0
+    (the gated event charges each round's selection as ε0²/8 zCDP, which ε0-DP alone does not
+    give)."""

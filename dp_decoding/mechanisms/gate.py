@@ -37,7 +37,7 @@ GATE_ROUNDED_SENSITIVITY = GATE_SENSITIVITY + GATE_GRID
 
 def event_factory(rounds: int) -> EventFactory:
     """ε₀ → the event of ``rounds`` gate rounds (fixed regime): each one AboveThreshold
-    instance (ε₀-DP) and one exponential selection (ε₀-bounded-range)."""
+    instance (ε₀-DP) and one ε₀-bounded-range selection (exponential or clipped)."""
     return lambda eps0: JobEvent("exponential", "fixed", rounds, epsilon0=eps0, gated=True)
 
 

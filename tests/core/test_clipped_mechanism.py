@@ -15,6 +15,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import dp_accounting
 import numpy as np
@@ -256,6 +257,9 @@ def test_the_gate_composes_as_for_the_exponential_mechanism(
     same = make_plan(mechanism="exponential", gate_cutoff=cutoff, public_prior=0.0, **kw)  # type: ignore[arg-type]
     assert gated.steps == cutoff
     assert gated.epsilon0 == same.epsilon0
+    assert gated.epsilon() == same.epsilon()  # the same event, so the same ε, however computed
+    gate = gated.gate_obj()
+    assert gate is not None and gate.epsilon == gated.epsilon0  # one ε₀ for both parts
     assert gated.event() == JobEvent(
         "exponential", "fixed", cutoff, epsilon0=gated.epsilon0, gated=True
     )
@@ -273,12 +277,14 @@ def test_the_gate_composes_as_for_the_exponential_mechanism(
     assert mech.temperature == pytest.approx(4 * mech.clip * (1 + FLOAT_SLACK) / (prompts * eps0))
 
 
-def _gated_clipped_draws(theta: float) -> int:
+def _gated_clipped_run(theta: float, eps: float) -> list[tuple[int, str, bool]]:
     """Run a gated clipped plan (c = 2, 4 demonstrations of 8 tokens) through the fake engine;
-    return how many clipped draws (``select_rows``) it made."""
+    return its trace: (group id, event, value) for every gate answer ("above", its answer) and
+    every clipped draw ("draw"), in order. Also checks what the gate is handed: the rows'
+    candidate-renormalised sum (it sums to M) and the public row over the same candidates."""
     plan = make_plan(
         labels=["A", "B"],
-        epsilon=4.0,
+        epsilon=eps,
         shots=2,
         max_tokens=8,
         prompts=4,
@@ -288,26 +294,67 @@ def _gated_clipped_draws(theta: float) -> int:
         gate_threshold=theta,
     )
     gen = DemoGenerator(FakeEngine(), plan, generic_task(["A", "B"]), rng=np.random.default_rng(4))
-    mech = gen.row_mechanism
-    assert isinstance(mech, ClippedExponential)
-    calls: list[int] = []
-    inner = mech.select_rows
+    mech, gate = gen.row_mechanism, gen.gate
+    assert isinstance(mech, ClippedExponential) and gate is not None
+    trace: list[tuple[int, str, bool]] = []
+    current = [0]
+    decide, select_rows, above, distance = (
+        gen.decision.decide,
+        mech.select_rows,
+        gate.above,
+        gate.distance,
+    )
 
-    def spy(lp: np.ndarray, pub: np.ndarray, rng: NoiseSource) -> int:
-        calls.append(1)
-        return inner(lp, pub, rng)
+    def spy_decide(g: Any, lp: Any, cand: Any, pub: Any) -> int:
+        current[0] = id(g)
+        assert lp is None or lp.shape[1] == len(cand)
+        return decide(g, lp, cand, pub)
 
-    object.__setattr__(mech, "select_rows", spy)  # test double on a frozen dataclass
+    def spy_distance(scores: np.ndarray, public: np.ndarray) -> float:
+        assert scores.sum() == pytest.approx(plan.M) and public.shape == scores.shape
+        return distance(scores, public)
+
+    def spy_above(d: float, threshold: float, rng: NoiseSource) -> bool:
+        out = above(d, threshold, rng)
+        trace.append((current[0], "above", out))
+        return out
+
+    def spy_select(lp: np.ndarray, pub: np.ndarray, rng: NoiseSource) -> int:
+        trace.append((current[0], "draw", True))
+        return select_rows(lp, pub, rng)
+
+    gen.decision.decide = spy_decide  # type: ignore[method-assign]  # test doubles below
+    object.__setattr__(mech, "select_rows", spy_select)  # frozen dataclasses
+    object.__setattr__(gate, "above", spy_above)
+    object.__setattr__(gate, "distance", spy_distance)
     assert len(gen.run(two_label_records(24))) == 4
-    return len(calls)
+    return trace
 
 
-def test_the_gate_in_front_of_the_clipped_draw() -> None:
-    """Through the fake engine: at most c private tokens per demonstration, each one clipped
-    draw (``select_rows``), every other position a public draw. With a tiny θ nearly every
-    gate answer is "above", so the clipped draw runs (and stops at the cutoff)."""
-    assert 0 < _gated_clipped_draws(1e-6) <= 4 * 2
-    assert _gated_clipped_draws(1.0) <= 4 * 2
+@pytest.mark.parametrize(
+    ("theta", "eps"), [(1e-6, 4.0), (1.0, 4.0), (1e-6, math.inf), (1.0, math.inf)]
+)
+def test_the_gate_in_front_of_the_clipped_draw(theta: float, eps: float) -> None:
+    """Through the fake engine: every clipped draw follows an "above" answer of its own
+    demonstration's gate, and only then; at most c = 2 draws per demonstration, after which
+    its positions are public (no more gate answers). ε = ∞ is deterministic: with θ = 1 the
+    exact distance (a TV < 1) is never above, so no draw at all; with a tiny θ nearly every
+    position is above."""
+    trace = _gated_clipped_run(theta, eps)
+    draws: dict[int, int] = {}
+    for i, (gid, event, value) in enumerate(trace):
+        if event == "draw":
+            assert i > 0 and trace[i - 1] == (gid, "above", True)
+            draws[gid] = draws.get(gid, 0) + 1
+        else:
+            assert draws.get(gid, 0) < 2  # no gate answer once the cutoff is spent
+        if event == "above" and value:
+            assert i + 1 < len(trace) and trace[i + 1] == (gid, "draw", True)
+    assert all(n <= 2 for n in draws.values())
+    if math.isinf(eps) and theta == 1.0:
+        assert not draws and trace  # the gate answered, always "below"
+    if theta == 1e-6:
+        assert sum(draws.values()) > 0
 
 
 @pytest.mark.parametrize(

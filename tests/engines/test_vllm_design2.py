@@ -124,6 +124,12 @@ def test_design2_equals_step_loop_for_the_same_noise(vengine, shared_data, epsil
 PUBLIC_ROW_PLANS = {
     "default": {"mechanism": "exponential", "candidates": "public-topk", "public_prior": 1.0},
     "clipped": {"mechanism": "clipped", "candidates": "public-topk", "public_prior": 0.0},
+    "clipped, gate": {
+        "mechanism": "clipped",
+        "candidates": "public-topk",
+        "public_prior": 0.0,
+        "gate_cutoff": 1,  # ≤ the step loop side's T = 1
+    },
 }
 PUBLIC_TOL = 0.5
 """The public row's log-probabilities in design 2 against the step loop's own public batch:
