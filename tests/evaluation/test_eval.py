@@ -115,10 +115,10 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:
     for name in ("results.json", "results.md", "accuracy_vs_epsilon.png", "cache.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     doc = json.loads((out / "results.json").read_text())
-    # 2 zero-shot + real + public + public-long + paper, best, wide, gate-long, clipped × 2 ε
-    # + blend, gate × 1 ε (no ε = ∞ cell: 'blend' would repeat 'best'; 'gate-long' has the
-    # gate's one)
-    assert len(doc["cells"]) == 17
+    # 2 zero-shot + real + public + public-long + paper, best, wide, gate-long, clipped,
+    # clipped-gate-long × 2 ε + blend, gate × 1 ε (no ε = ∞ cell: 'blend' would repeat
+    # 'best'; 'gate-long' has the gate's one)
+    assert len(doc["cells"]) == 19
     summ = doc["summary"]["trec"]
     assert set(summ["4"]) == {
         "real",
@@ -131,6 +131,7 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:
         "gate",
         "gate-long",
         "clipped",
+        "clipped-gate-long",
     }
     assert set(summ["4"]["gate"]) == {"1"} and set(summ["4"]["blend"]) == {"1"}
     assert set(summ["4"]["clipped"]) == {"1", "inf"}
@@ -154,7 +155,7 @@ def test_reduced_eval(engine, shared_data: Path, tmp_path: Path) -> None:
     md = (out / "results.md").read_text()
     table = md.split("## trec, 4 demonstrations, calibrated")[1].split("\n\n")[2]
     rows = [line for line in table.splitlines() if line.startswith("|")][2:]
-    assert len(rows) == 12 and all(line.count("|") == 5 for line in rows)
+    assert len(rows) == 13 and all(line.count("|") == 5 for line in rows)
     # resumable: nothing is recomputed
     again = run_eval(cfg, engine_factory=lambda: engine)
     assert again["cells_computed_this_sitting"] == 0
