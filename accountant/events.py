@@ -58,8 +58,9 @@ class JobEvent:
       is one AboveThreshold instance (Dwork & Roth 2014, Thm. 3.23: ε0-DP for queries of
       sensitivity 1, however many "below" answers it gives before its one "above") followed by
       one ε0-bounded-range selection: the exponential mechanism's, or the clipped mechanism's
-      (recorded under the mechanism "exponential": the same event). Tokens released on "below" answers are the
-      public model's and cost nothing beyond the instance that answered them.
+      (recorded under the mechanism "exponential": the same event). Tokens released on
+      "below" answers are the public model's and cost nothing beyond the instance that
+      answered them.
 
     Numbers are normalised to built-in ``int``/``float`` so that equal events hash equally and
     ``to_dict`` is JSON-serialisable.

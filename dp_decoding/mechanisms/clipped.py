@@ -197,17 +197,11 @@ def _sampler_for(clip: float, name: str) -> Callable[[PlanNoise], ClippedExponen
 
 def _accounting_for(clip: float) -> Callable[[str, bool], str]:
     def text(regime: str, gated: bool) -> str:
-        head = (
+        gate = "; the gate's query: sensitivity 1" if gated else ""
+        return (
             f"clipped log-probability differences (C = {clip:g}, τ = 4C(1+2⁻²⁰)/(M·ε0), "
-            "sensitivity 2C of the clipped sum), top-k+ candidates: "
-        )
-        if gated:
-            return head + (
-                "public-token gate (sensitivity 1): c rounds of AboveThreshold (ε0-DP) + one "
-                "clipped draw (ε0-bounded-range); RDP vs pure-DP PLD, the smaller"
-            )
-        return head + exponential.SPEC.accounting(regime, False).removeprefix(
-            "exponential mechanism: "
+            f"sensitivity 2C of the clipped sum{gate}), top-k+ candidates: "
+            + exponential.event_text(regime, gated)
         )
 
     return text

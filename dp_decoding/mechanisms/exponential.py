@@ -115,15 +115,21 @@ def _sampler(plan: PlanNoise) -> ExponentialMechanism:
     return ExponentialMechanism(plan.epsilon0, prior_weight=plan.public_prior)
 
 
+def event_text(regime: str, gated: bool) -> str:
+    """How the event of ε0-bounded-range selections is accounted (gated: the gate's rounds);
+    shared by every mechanism charged with this event (:mod:`.clipped`)."""
+    if gated:
+        return (
+            "public-token gate: c rounds of AboveThreshold (ε0-DP) + selection "
+            "(ε0-bounded-range); RDP vs pure-DP PLD, the smaller"
+        )
+    if regime == "fixed":
+        return "bounded range (ε0²/8 zCDP) vs pure-DP PLD, the smaller"
+    return "pure DP amplified by Poisson sampling, then PLD"
+
+
 def _accounting(regime: str, gated: bool) -> str:
-    return "exponential mechanism: " + (
-        "public-token gate: c rounds of AboveThreshold (ε0-DP) + selection "
-        "(ε0-bounded-range); RDP vs pure-DP PLD, the smaller"
-        if gated
-        else "bounded range (ε0²/8 zCDP) vs pure-DP PLD, the smaller"
-        if regime == "fixed"
-        else "pure DP amplified by Poisson sampling, then PLD"
-    )
+    return "exponential mechanism: " + event_text(regime, gated)
 
 
 SPEC = MechanismSpec(
